@@ -1,0 +1,149 @@
+"""The fal contract's data shapes for `fal-ai/flux/srpo` and `fal-ai/flux/srpo/image-to-image`.
+
+Sizes: the model works on multiples of 16 pixels, so each side of a requested size is rounded
+DOWN to a multiple of 16 (at least 16), as diffusers' Flux pipelines do; the response reports the
+size produced. An image may have at most `Settings.max_pixels` pixels (1536x1536 by default):
+larger custom sizes are answered with 422, larger image-to-image inputs are scaled down to fit.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Annotated, Literal
+
+from PIL.Image import Image as PILImage
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from models.request import GenerationRequest
+
+from settings import get_settings
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+MIN_SEED = -(2**63)
+RANDOM_SEED_BOUND = 2**53  # random seeds stay exact in JavaScript numbers
+
+ImageSizePreset = Literal[
+    "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
+]
+PRESET_SIZES: dict[str, tuple[int, int]] = {  # (width, height)
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
+OutputFormat = Literal["jpeg", "png"]
+Acceleration = Literal["none", "regular", "high"]
+
+
+def round_side(pixels: int) -> int:
+    """A side length rounded down to the model's multiple of 16, never below 16."""
+    return max(16, pixels // 16 * 16)
+
+
+def fit_to_pixel_cap(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """Scale (width, height) down to at most max_pixels keeping the aspect ratio, then round to 16."""
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+    return round_side(int(width * scale)), round_side(int(height * scale))
+
+
+class ImageSize(BaseModel):
+    width: int = Field(512, ge=1, le=14142, description="Width in pixels; rounded down to a multiple of 16.")
+    height: int = Field(512, ge=1, le=14142, description="Height in pixels; rounded down to a multiple of 16.")
+
+
+Seed = Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED)]
+
+
+class _CommonInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., min_length=1, description="The prompt to generate an image from.")
+    guidance_scale: float = Field(4.5, ge=1, le=20, description="How closely the image follows the prompt.")
+    seed: Seed | None = Field(None, description="Same seed and inputs give the same image; random if unset.")
+    sync_mode: bool = Field(False, description="Return images as data URIs and keep no request history.")
+    num_images: int = Field(1, ge=1, le=4)
+    enable_safety_checker: bool = True
+    output_format: OutputFormat = "jpeg"
+    acceleration: Acceleration = "none"
+
+    def resolved_seed(self) -> int:
+        return self.seed if self.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
+
+
+class TextToImageInput(_CommonInput):
+    image_size: ImageSizePreset | ImageSize = Field("landscape_4_3", description="A preset or {width, height}.")
+    num_inference_steps: int = Field(28, ge=1, le=50)
+
+    @field_validator("image_size")
+    @classmethod
+    def _within_pixel_cap(cls, value: ImageSizePreset | ImageSize) -> ImageSizePreset | ImageSize:
+        if isinstance(value, ImageSize):
+            w, h = round_side(value.width), round_side(value.height)
+            cap = get_settings().max_pixels
+            if w * h > cap:
+                raise ValueError(f"{w}x{h} is {w * h} pixels; this deployment allows at most {cap} per image")
+        return value
+
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the images this request produces."""
+        if isinstance(self.image_size, str):
+            return PRESET_SIZES[self.image_size]
+        return round_side(self.image_size.width), round_side(self.image_size.height)
+
+
+class ImageToImageInput(_CommonInput):
+    image_url: str = Field(..., description="http(s) URL or data URI of the source image.")
+    strength: float = Field(0.95, ge=0.01, le=1, description="1.0 ignores the source; small values keep it.")
+    num_inference_steps: int = Field(40, ge=10, le=50)
+
+    @field_validator("image_url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://", "data:")):
+            raise ValueError("image_url must be an http(s) URL or a data: URI")
+        return value
+
+
+class Image(BaseModel):
+    url: str
+    width: int
+    height: int
+    content_type: str
+    file_name: str
+    file_size: int
+
+
+class Output(BaseModel):
+    images: list[Image]
+    timings: dict[str, float]
+    seed: int
+    has_nsfw_concepts: list[bool]
+    prompt: str
+
+
+def to_generation_request(
+    body: TextToImageInput | ImageToImageInput, seed: int, image: PILImage | None = None
+) -> GenerationRequest:
+    """The model-level request for a validated body (image-to-image needs its decoded source)."""
+    if isinstance(body, ImageToImageInput):
+        if image is None:
+            raise ValueError("image-to-image needs its source image")
+        width, height = fit_to_pixel_cap(image.width, image.height, get_settings().max_pixels)
+        strength = body.strength
+    else:
+        width, height = body.output_size()
+        image, strength = None, 1.0
+    return GenerationRequest(
+        prompt=body.prompt,
+        width=width,
+        height=height,
+        num_inference_steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        seed=seed,
+        num_images=body.num_images,
+        image=image,
+        strength=strength,
+    )

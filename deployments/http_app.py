@@ -1,0 +1,145 @@
+"""The fal-compatible HTTP surface as a FastAPI app over any generation backend (no Ray here).
+
+The Serve ingress builds this app over the deployment graph; tests and the in-process mode
+build it over `InProcessBackend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Awaitable, Callable, Protocol
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+
+from api.images import CONTENT_TYPES, ImageLoadError, data_uri, decode_image, encode_image
+from api.schemas import Image, ImageToImageInput, Output, TextToImageInput, to_generation_request
+from deployments.image_fetch import fetch_image_bytes
+from deployments.storage import ImageStore
+from models.pipeline import GenerationResult, SRPOPipeline
+from models.request import GenerationRequest
+from settings import Settings
+
+logger = logging.getLogger(__name__)
+REQUEST_ID_HEADER = "x-fal-request-id"
+
+
+class GenerationBackend(Protocol):
+    async def generate(
+        self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str
+    ) -> GenerationResult: ...
+
+
+class InProcessBackend:
+    """The whole pipeline in this process, one request at a time (tests, quick local use)."""
+
+    def __init__(self, pipeline: SRPOPipeline) -> None:
+        self.pipeline = pipeline
+        self._lock = asyncio.Lock()
+
+    async def generate(
+        self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str
+    ) -> GenerationResult:
+        async with self._lock:
+            return await asyncio.to_thread(self.pipeline.generate, request, enable_safety_checker)
+
+
+def base_url(request: Request, settings: Settings) -> str:
+    """The scheme and host the client used, honouring a proxy's X-Forwarded-* headers."""
+    if settings.public_base_url:
+        return settings.public_base_url.rstrip("/")
+    proto = request.headers.get("x-forwarded-proto", request.url.scheme).split(",")[0].strip()
+    host = request.headers.get("x-forwarded-host") or request.headers.get("host") or request.url.netloc
+    return f"{proto}://{host.split(',')[0].strip()}"
+
+
+def build_app(
+    backend: GenerationBackend,
+    settings: Settings,
+    stage_health: Callable[[], Awaitable[dict[str, bool]]] | None = None,
+) -> FastAPI:
+    app = FastAPI(
+        title="FLUX.1 SRPO [dev], fal-compatible",
+        description="fal's `fal-ai/flux/srpo` endpoints, self-hosted.",
+        version="0.1.0",
+    )
+    app.add_middleware(
+        CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER]
+    )
+    store = ImageStore(settings.storage_dir)
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        rid = str(uuid.uuid4())
+        request.state.request_id = rid
+        try:
+            response = await call_next(request)
+        except Exception:  # never a stack trace in a body
+            logger.exception("unhandled error in request %s", rid)
+            response = JSONResponse({"detail": "Internal server error"}, status_code=500)
+        response.headers.setdefault(REQUEST_ID_HEADER, rid)
+        return response
+
+    async def run(body: TextToImageInput | ImageToImageInput, request: Request) -> Output:
+        seed = body.resolved_seed()
+        source = None
+        if isinstance(body, ImageToImageInput):
+            source = await _load_source(body.image_url, settings)
+        generation = to_generation_request(body, seed, source)
+        result = await backend.generate(
+            generation, enable_safety_checker=body.enable_safety_checker, acceleration=body.acceleration
+        )
+        encoded = await asyncio.to_thread(lambda: [encode_image(px, body.output_format) for px in result.images])
+        content_type = CONTENT_TYPES[body.output_format]
+        images = []
+        for data in encoded:
+            if body.sync_mode:
+                name, url = f"{uuid.uuid4().hex}.{body.output_format}", data_uri(data, content_type)
+            else:
+                name = await asyncio.to_thread(store.save, data, body.output_format)
+                url = f"{base_url(request, settings)}/files/{name}"
+            images.append(Image(url=url, width=generation.width, height=generation.height,
+                                content_type=content_type, file_name=name, file_size=len(data)))
+        return Output(images=images, timings={"inference": round(result.inference_seconds, 4)}, seed=seed,
+                      has_nsfw_concepts=result.has_nsfw_concepts, prompt=body.prompt)
+
+    @app.post("/fal-ai/flux/srpo", response_model=Output, summary="Text to image")
+    async def text_to_image(body: TextToImageInput, request: Request) -> Output:
+        return await run(body, request)
+
+    @app.post("/fal-ai/flux/srpo/image-to-image", response_model=Output, summary="Image to image")
+    async def image_to_image(body: ImageToImageInput, request: Request) -> Output:
+        return await run(body, request)
+
+    @app.get("/files/{name}", summary="An output image")
+    async def files(name: str) -> FileResponse:
+        path = store.path(name)
+        if path is None:
+            raise HTTPException(404, "No such file")
+        return FileResponse(path, media_type=CONTENT_TYPES[path.suffix[1:]])
+
+    @app.get("/health", summary="Whether every stage of the graph is ready")
+    async def health() -> JSONResponse:
+        stages = await stage_health() if stage_health is not None else {}
+        ready = all(stages.values())
+        return JSONResponse({"status": "ok" if ready else "starting", "stages": stages}, status_code=200 if ready else 503)
+
+    return app
+
+
+async def _load_source(url: str, settings: Settings):
+    try:
+        data = await fetch_image_bytes(
+            url,
+            max_bytes=settings.image_fetch_max_bytes,
+            timeout_s=settings.image_fetch_timeout_s,
+            allow_private=settings.allow_private_image_urls,
+        )
+        return await asyncio.to_thread(decode_image, data, settings.image_max_source_pixels)
+    except ImageLoadError as exc:
+        shown = url if not url.startswith("data:") else url[:32] + "..."
+        raise HTTPException(422, f"Could not load image from url: {shown} ({exc})") from exc
+

@@ -1,0 +1,100 @@
+"""The denoising state of one request, and one transformer forward over many such states.
+
+Samples of the same resolution share a forward even at different steps, guidance values and
+schedules: FluxTransformer2DModel takes a timestep and a guidance value per sample, and the
+Euler update is applied per sample afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from models.sampling import Schedule, euler_step, image_ids, pack
+
+
+@dataclass
+class DenoiseState:
+    """One request's samples on their way through their own schedule."""
+
+    latents: torch.Tensor  # packed (n, L, 64)
+    prompt_embeds: torch.Tensor  # (n, 512, D)
+    pooled: torch.Tensor  # (n, D)
+    guidance_scale: float
+    schedule: Schedule
+    height: int
+    width: int
+    step: int = 0
+    key: object = field(default=None, compare=False)  # the caller's handle on this request
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.schedule.num_steps
+
+    @property
+    def num_samples(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    @classmethod
+    def start(
+        cls,
+        unpacked_latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        guidance_scale: float,
+        schedule: Schedule,
+        height: int,
+        width: int,
+        key: object = None,
+    ) -> "DenoiseState":
+        """A state from unpacked start latents and one prompt's embeddings (repeated per image)."""
+        n = unpacked_latents.shape[0]
+        return cls(
+            latents=pack(unpacked_latents),
+            prompt_embeds=prompt_embeds.expand(n, -1, -1),
+            pooled=pooled.expand(n, -1),
+            guidance_scale=guidance_scale,
+            schedule=schedule,
+            height=height,
+            width=width,
+            key=key,
+        )
+
+
+@torch.no_grad()
+def denoise_step(transformer: FluxTransformer2DModel, states: list[DenoiseState]) -> None:
+    """Advance every state by one step with a single transformer forward (same resolution only)."""
+    if not states:
+        return
+    height, width = states[0].resolution
+    if any(s.resolution != (height, width) for s in states):
+        raise ValueError("one forward can only carry samples of one resolution")
+    device = states[0].latents.device
+    dtype = states[0].latents.dtype
+    latents = torch.cat([s.latents for s in states])
+    t = torch.cat([s.schedule.timesteps[s.step].expand(s.num_samples) for s in states]).to(device)
+    sigma = torch.cat([s.schedule.sigmas[s.step].expand(s.num_samples) for s in states]).to(device)
+    sigma_next = torch.cat([s.schedule.sigmas[s.step + 1].expand(s.num_samples) for s in states]).to(device)
+    guidance = torch.cat(
+        [torch.full((s.num_samples,), s.guidance_scale, dtype=torch.float32) for s in states]
+    ).to(device)
+    velocity = transformer(
+        hidden_states=latents,
+        timestep=t.to(dtype) / 1000,  # the pipeline casts timesteps to the latents' dtype first
+        guidance=guidance if transformer.config.guidance_embeds else None,
+        pooled_projections=torch.cat([s.pooled for s in states]),
+        encoder_hidden_states=torch.cat([s.prompt_embeds for s in states]),
+        txt_ids=torch.zeros(states[0].prompt_embeds.shape[1], 3, device=device, dtype=dtype),
+        img_ids=image_ids(height, width, device, dtype),
+        return_dict=False,
+    )[0]
+    updated = euler_step(latents, velocity, sigma, sigma_next)
+    for s, new in zip(states, updated.split([s.num_samples for s in states])):
+        s.latents = new
+        s.step += 1

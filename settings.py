@@ -1,0 +1,61 @@
+"""The one configuration object of the project, read from `SRPO_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DTypeName = Literal["float32", "bfloat16", "float16"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SRPO_", env_file=None, extra="ignore")
+
+    # --- weights ---
+    model_dir: Path | None = Field(
+        None, description="FLUX.1-dev folder in diffusers layout; unset = the tiny offline preset (noise images)."
+    )
+    transformer_file: Path | None = Field(
+        None, description="SRPO transformer safetensors (diffusers key names) replacing the folder's transformer."
+    )
+    safety_dir: Path | None = Field(None, description="Safety checker folder; unset = the tiny preset's checker.")
+    tiny_dir: Path = Field(
+        Path.home() / ".cache" / "srpo-serve" / "tiny", description="Where the tiny preset is generated."
+    )
+    device: str = Field("auto", description="'auto' picks cuda when available, else cpu.")
+    dtype: DTypeName | None = Field(None, description="Serving dtype; default bfloat16 on GPU, float32 on CPU.")
+
+    # --- request limits ---
+    max_pixels: int = Field(1536 * 1536, description="Largest width*height accepted for one image.")
+    image_fetch_timeout_s: float = 10.0
+    image_fetch_max_bytes: int = 25 * 1024 * 1024
+    image_max_source_pixels: int = 50_000_000
+    allow_private_image_urls: bool = Field(
+        False, description="Allow image_url hosts in private/loopback/link-local ranges (tests, closed networks)."
+    )
+
+    # --- outputs ---
+    storage_dir: Path = Field(Path("outputs"), description="Folder where output images are written.")
+    public_base_url: str | None = Field(
+        None, description="Base for file URLs in responses; unset = the scheme and host the client used."
+    )
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return getattr(torch, self.dtype)
+        return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,75 @@
+"""Loading real-layout folders: SRPO's separate transformer file, its bf16 conversion, clear errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.loading import ModelFolderError, check_model_folder, load_transformer
+from models.pipeline import SRPOPipeline
+from models.request import GenerationRequest
+from models.transformer_file import convert_transformer_file
+from tests.conftest import CPU
+
+REQUEST = GenerationRequest(prompt="a boat", width=256, height=128, num_inference_steps=3, guidance_scale=3.0, seed=4)
+
+
+@pytest.fixture(scope="module")
+def split_folder(tiny_model_dir, tmp_path_factory):
+    """A copy of the tiny folder whose transformer has only its config, plus an fp32 SRPO-style file."""
+    root = tmp_path_factory.mktemp("split")
+    folder = shutil.copytree(tiny_model_dir, root / "flux-dev")
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = {k: v.float().contiguous() for k, v in load_file(weights).items()}
+    weights.unlink()
+    srpo = root / "srpo_fp32.safetensors"
+    save_file(state, srpo)
+    return folder, srpo
+
+
+def test_separate_transformer_file_gives_the_same_images(tiny_model_dir, split_folder):
+    folder, srpo = split_folder
+    merged = SRPOPipeline(tiny_model_dir, None, CPU, torch.float32).generate(REQUEST, False)
+    split = SRPOPipeline(folder, None, CPU, torch.float32, transformer_file=srpo).generate(REQUEST, False)
+    assert all(np.array_equal(a, b) for a, b in zip(merged.images, split.images))
+
+
+def test_bf16_conversion_loads_and_keeps_the_weights(split_folder, tmp_path):
+    folder, srpo = split_folder
+    converted = convert_transformer_file(srpo, tmp_path / "srpo_bf16.safetensors")
+    assert converted.stat().st_size < srpo.stat().st_size * 0.6
+    original = load_file(srpo)
+    model = load_transformer(folder, CPU, torch.bfloat16, transformer_file=converted)
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, original[name].to(torch.bfloat16)), name
+    images = SRPOPipeline(folder, None, CPU, torch.float32, transformer_file=converted).generate(REQUEST, False)
+    assert images.images[0].shape == (128, 256, 3)
+
+
+def test_transformer_file_with_wrong_keys_is_refused(split_folder, tmp_path):
+    folder, _ = split_folder
+    bad = tmp_path / "bad.safetensors"
+    save_file({"not.a.flux.key": torch.zeros(2)}, bad)
+    with pytest.raises(ValueError, match="does not match the transformer config"):
+        load_transformer(folder, CPU, torch.float32, transformer_file=bad)
+
+
+def test_incomplete_folder_names_everything_missing(tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "broken")
+    shutil.rmtree(folder / "vae")
+    (folder / "tokenizer_2" / "tokenizer_config.json").unlink()
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelFolderError) as err:
+        check_model_folder(folder)
+    message = str(err.value)
+    for part in ("vae/config.json", "tokenizer_2/tokenizer_config.json", "transformer/*.safetensors"):
+        assert part in message
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        check_model_folder(tmp_path / "nowhere")
+    with pytest.raises(ModelFolderError, match="missing"):
+        SRPOPipeline(folder, None, CPU, torch.float32)
