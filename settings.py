@@ -35,8 +35,9 @@ class Settings(BaseSettings):
     image_fetch_timeout_s: float = 10.0
     image_fetch_max_bytes: int = 25 * 1024 * 1024
     image_max_source_pixels: int = 50_000_000
-    allow_private_image_urls: bool = Field(
-        False, description="Allow image_url hosts in private/loopback/link-local ranges (tests, closed networks)."
+    image_url_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description='Non-public networks image_url may reach anyway, e.g. ["127.0.0.1/32"] (JSON list).',
     )
 
     # --- outputs ---

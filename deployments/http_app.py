@@ -56,11 +56,44 @@ def base_url(request: Request, settings: Settings) -> str:
     return f"{proto}://{host.split(',')[0].strip()}"
 
 
+class SRPOService:
+    """Validated input in, fal output out: what the HTTP routes and the Python handle API both call."""
+
+    def __init__(self, backend: GenerationBackend, settings: Settings) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.store = ImageStore(settings.storage_dir)
+
+    async def run(self, body: TextToImageInput | ImageToImageInput, base: str) -> Output:
+        """Generate; `base` prefixes file URLs (unused with sync_mode, which returns data URIs)."""
+        seed = body.resolved_seed()
+        source = None
+        if isinstance(body, ImageToImageInput):
+            source = await _load_source(body.image_url, self.settings)
+        generation = to_generation_request(body, seed, source)
+        result = await self.backend.generate(
+            generation, enable_safety_checker=body.enable_safety_checker, acceleration=body.acceleration
+        )
+        encoded = await asyncio.to_thread(lambda: [encode_image(px, body.output_format) for px in result.images])
+        content_type = CONTENT_TYPES[body.output_format]
+        images = []
+        for data in encoded:
+            if body.sync_mode:
+                name, url = f"{uuid.uuid4().hex}.{body.output_format}", data_uri(data, content_type)
+            else:
+                name = await asyncio.to_thread(self.store.save, data, body.output_format)
+                url = f"{base}/files/{name}"
+            images.append(Image(url=url, width=generation.width, height=generation.height,
+                                content_type=content_type, file_name=name, file_size=len(data)))
+        return Output(images=images, timings={"inference": round(result.inference_seconds, 4)}, seed=seed,
+                      has_nsfw_concepts=result.has_nsfw_concepts, prompt=body.prompt)
+
+
 def build_app(
-    backend: GenerationBackend,
-    settings: Settings,
+    service: SRPOService,
     stage_health: Callable[[], Awaitable[dict[str, bool]]] | None = None,
 ) -> FastAPI:
+    settings = service.settings
     app = FastAPI(
         title="FLUX.1 SRPO [dev], fal-compatible",
         description="fal's `fal-ai/flux/srpo` endpoints, self-hosted.",
@@ -69,7 +102,6 @@ def build_app(
     app.add_middleware(
         CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER]
     )
-    store = ImageStore(settings.storage_dir)
 
     @app.middleware("http")
     async def request_id(request: Request, call_next):
@@ -84,27 +116,7 @@ def build_app(
         return response
 
     async def run(body: TextToImageInput | ImageToImageInput, request: Request) -> Output:
-        seed = body.resolved_seed()
-        source = None
-        if isinstance(body, ImageToImageInput):
-            source = await _load_source(body.image_url, settings)
-        generation = to_generation_request(body, seed, source)
-        result = await backend.generate(
-            generation, enable_safety_checker=body.enable_safety_checker, acceleration=body.acceleration
-        )
-        encoded = await asyncio.to_thread(lambda: [encode_image(px, body.output_format) for px in result.images])
-        content_type = CONTENT_TYPES[body.output_format]
-        images = []
-        for data in encoded:
-            if body.sync_mode:
-                name, url = f"{uuid.uuid4().hex}.{body.output_format}", data_uri(data, content_type)
-            else:
-                name = await asyncio.to_thread(store.save, data, body.output_format)
-                url = f"{base_url(request, settings)}/files/{name}"
-            images.append(Image(url=url, width=generation.width, height=generation.height,
-                                content_type=content_type, file_name=name, file_size=len(data)))
-        return Output(images=images, timings={"inference": round(result.inference_seconds, 4)}, seed=seed,
-                      has_nsfw_concepts=result.has_nsfw_concepts, prompt=body.prompt)
+        return await service.run(body, base_url(request, settings))
 
     @app.post("/fal-ai/flux/srpo", response_model=Output, summary="Text to image")
     async def text_to_image(body: TextToImageInput, request: Request) -> Output:
@@ -116,7 +128,7 @@ def build_app(
 
     @app.get("/files/{name}", summary="An output image")
     async def files(name: str) -> FileResponse:
-        path = store.path(name)
+        path = service.store.path(name)
         if path is None:
             raise HTTPException(404, "No such file")
         return FileResponse(path, media_type=CONTENT_TYPES[path.suffix[1:]])
@@ -136,7 +148,7 @@ async def _load_source(url: str, settings: Settings):
             url,
             max_bytes=settings.image_fetch_max_bytes,
             timeout_s=settings.image_fetch_timeout_s,
-            allow_private=settings.allow_private_image_urls,
+            allowed_networks=settings.image_url_allowed_networks,
         )
         return await asyncio.to_thread(decode_image, data, settings.image_max_source_pixels)
     except ImageLoadError as exc:

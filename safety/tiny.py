@@ -28,7 +28,10 @@ def flagged_example(width: int = 64, height: int = 64) -> np.ndarray:
     return img
 
 
-def write_tiny_safety_checker(folder: Path, seed: int = 0) -> Path:
+def write_tiny_safety_checker(
+    folder: Path, seed: int = 0, flagged: np.ndarray | None = None, threshold: float = FLAG_THRESHOLD
+) -> Path:
+    """Write the checker; `flagged` (default `flagged_example()`) is the image concept 0 is made from."""
     torch.manual_seed(seed + 1)
     config = CLIPConfig(
         text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
@@ -47,12 +50,12 @@ def write_tiny_safety_checker(folder: Path, seed: int = 0) -> Path:
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
     with torch.no_grad():
-        pixels = processor(images=[flagged_example()], return_tensors="pt").pixel_values
+        pixels = processor(images=[flagged_example() if flagged is None else flagged], return_tensors="pt").pixel_values
         embed = model.visual_projection(model.vision_model(pixels)[1])[0]
         model.concept_embeds.copy_(torch.randn_like(model.concept_embeds))
         model.concept_embeds[0] = embed
         model.concept_embeds_weights.fill_(2.0)  # unreachable: cosine similarity <= 1
-        model.concept_embeds_weights[0] = FLAG_THRESHOLD
+        model.concept_embeds_weights[0] = threshold
         model.special_care_embeds.copy_(torch.randn_like(model.special_care_embeds))
         model.special_care_embeds_weights.fill_(2.0)
     model.save_pretrained(folder, safe_serialization=True)

@@ -1,0 +1,42 @@
+"""The application builder named by serve_config.yaml (`import_path: deployments.app:build_app`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+from ray.serve import Application
+
+from deployments.decoder import Decoder
+from deployments.denoiser import Denoiser
+from deployments.ingress import Ingress
+from deployments.text_encoder import TextEncoder
+
+
+class AppArgs(BaseModel):
+    """`args:` of the application in a Serve config."""
+
+    text_batch_size: int = Field(8, ge=1)
+    text_batch_wait_s: float = Field(0.01, ge=0)
+    prompt_cache_size: int = Field(512, ge=0)
+    decode_batch_size: int = Field(4, ge=1)
+    decode_batch_wait_s: float = Field(0.01, ge=0)
+    denoise_max_batch_tokens: int = Field(
+        16384, ge=1, description="Tokens (image + 512 text per sample) in one transformer forward."
+    )
+    deployment_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-deployment .options() overrides (tests, scripted deploys)."
+    )
+
+
+def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
+    args = AppArgs.model_validate(args or {})
+
+    def opts(deployment):
+        return deployment.options(**args.deployment_options.get(deployment.name, {}))
+
+    return opts(Ingress).bind(
+        opts(TextEncoder).bind(args.text_batch_size, args.text_batch_wait_s, args.prompt_cache_size),
+        opts(Denoiser).bind(args.denoise_max_batch_tokens),
+        opts(Decoder).bind(args.decode_batch_size, args.decode_batch_wait_s),
+    )

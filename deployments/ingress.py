@@ -1,0 +1,71 @@
+"""Ingress stage: the fal HTTP API (FastAPI) and the Python handle API over the stage graph."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from api.schemas import ImageToImageInput, Output, TextToImageInput
+from deployments.http_app import SRPOService, build_app
+from models.pipeline import GenerationResult
+from models.request import GenerationRequest
+from settings import get_settings
+
+HEALTH_TIMEOUT_S = 2.0
+
+
+class GraphBackend:
+    """Runs one generation across the stages; each stage's response goes straight into the next
+    call, so embeddings and latents travel through the object store, never through the ingress."""
+
+    def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, decoder: DeploymentHandle) -> None:
+        self.stages = {"text_encoder": text_encoder, "denoiser": denoiser, "decoder": decoder}
+
+    async def generate(
+        self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str
+    ) -> GenerationResult:
+        began = time.perf_counter()
+        text, denoiser, decoder = self.stages.values()
+        embedding = text.encode.remote(request.prompt)
+        image_start = None
+        if request.image is not None:
+            image_start = decoder.encode_image.remote(
+                request.image, request.height, request.width, request.seed, request.num_images
+            )
+        latents = denoiser.denoise.remote(dataclasses.replace(request, image=None), embedding, image_start)
+        decoded = await decoder.decode.remote(latents, request.height, request.width, enable_safety_checker)
+        return GenerationResult(decoded.images, decoded.has_nsfw_concepts, request.seed, time.perf_counter() - began)
+
+    async def health(self) -> dict[str, bool]:
+        async def ping(handle: DeploymentHandle) -> bool:
+            try:
+                return bool(await asyncio.wait_for(handle.ping.remote(), HEALTH_TIMEOUT_S))
+            except Exception:
+                return False
+
+        results = await asyncio.gather(*(ping(h) for h in self.stages.values()))
+        return dict(zip(self.stages, results))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+@serve.ingress()
+class Ingress:
+    def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, decoder: DeploymentHandle) -> None:
+        self.settings = get_settings()
+        self.backend = GraphBackend(text_encoder, denoiser, decoder)
+        self.service = SRPOService(self.backend, self.settings)
+
+    def __serve_build_asgi_app__(self):
+        return build_app(self.service, self.backend.health)
+
+    async def generate(self, body: TextToImageInput | ImageToImageInput) -> Output:
+        """The handle API: `await serve.get_app_handle("srpo").generate.remote(TextToImageInput(...))`.
+
+        File URLs start with `SRPO_PUBLIC_BASE_URL` (relative `/files/...` when unset); pass
+        `sync_mode=True` to get the images inline as data URIs instead.
+        """
+        return await self.service.run(body, (self.settings.public_base_url or "").rstrip("/"))
