@@ -7,7 +7,7 @@ Euler update is applied per sample afterwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers import FluxTransformer2DModel
@@ -27,7 +27,6 @@ class DenoiseState:
     height: int
     width: int
     step: int = 0
-    key: object = field(default=None, compare=False)  # the caller's handle on this request
 
     @property
     def done(self) -> bool:
@@ -51,7 +50,6 @@ class DenoiseState:
         schedule: Schedule,
         height: int,
         width: int,
-        key: object = None,
     ) -> "DenoiseState":
         """A state from unpacked start latents and one prompt's embeddings (repeated per image)."""
         n = unpacked_latents.shape[0]
@@ -63,7 +61,6 @@ class DenoiseState:
             schedule=schedule,
             height=height,
             width=width,
-            key=key,
         )
 
 

@@ -13,8 +13,6 @@ import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 from diffusers import FluxTransformer2DModel
 
@@ -34,7 +32,6 @@ class _Job:
     order: int
     state: DenoiseState = field(compare=False)
     future: asyncio.Future = field(compare=False)
-    on_step: Callable[[int, int], None] | None = field(compare=False, default=None)
 
 
 class DenoiseEngine:
@@ -47,12 +44,12 @@ class DenoiseEngine:
         self._task: asyncio.Task | None = None
         self.batch_sizes: Counter[int] = Counter()  # samples per forward -> number of forwards
 
-    def submit(self, state: DenoiseState, on_step: Callable[[int, int], None] | None = None) -> asyncio.Future:
+    def submit(self, state: DenoiseState) -> asyncio.Future:
         """Queue a request; the future resolves to its final packed latents."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
         future = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(next(self._counter), state, future, on_step))
+        self._jobs.append(_Job(next(self._counter), state, future))
         self._wake.set()
         return future
 
@@ -90,8 +87,6 @@ class DenoiseEngine:
                 continue
             self.batch_sizes[sum(s.num_samples for s in states)] += 1
             for job in batch:
-                if job.on_step is not None:
-                    job.on_step(job.state.step, job.state.schedule.num_steps)
                 if job.state.done and not job.future.done():
                     job.future.set_result(job.state.latents)
             self._jobs = [j for j in self._jobs if not j.state.done]

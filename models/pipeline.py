@@ -39,7 +39,6 @@ def start_state(
     device: torch.device,
     dtype: torch.dtype,
     image_latents_and_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
-    key: object = None,
 ) -> DenoiseState:
     """The first denoising state of a request: its schedule and its start latents."""
     schedule = make_schedule(
@@ -59,7 +58,6 @@ def start_state(
         schedule,
         request.height,
         request.width,
-        key=key,
     )
 
 

@@ -19,7 +19,3 @@ class GenerationRequest:
     # image-to-image: the source image (already RGB) and how much of the schedule to run
     image: Image.Image | None = None
     strength: float = 1.0
-
-    @property
-    def is_image_to_image(self) -> bool:
-        return self.image is not None

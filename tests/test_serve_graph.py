@@ -21,7 +21,7 @@ from api.schemas import ImageToImageInput, TextToImageInput, to_generation_reque
 from models.pipeline import SRPOPipeline
 from safety.tiny import write_tiny_safety_checker
 from tests.conftest import CPU
-from tests.serve_harness import APP_NAME, running_serve, tiny_env
+from deployments.local_cluster import APP_NAME, running_serve, tiny_env
 
 T2I = "/fal-ai/flux/srpo"
 I2I = "/fal-ai/flux/srpo/image-to-image"
@@ -178,7 +178,7 @@ def test_bad_inputs_and_urls_are_clear_422s(server, source_server):
 
 
 def _closed_port() -> int:
-    from tests.serve_harness import free_port
+    from deployments.local_cluster import free_port
 
     return free_port()
 

@@ -1,4 +1,4 @@
-"""A real Ray Serve instance on the tiny model, started once per test module that asks for it."""
+"""A local Ray + Serve instance running the app on 127.0.0.1 (tests and benchmarks)."""
 
 from __future__ import annotations
 
