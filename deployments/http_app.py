@@ -106,7 +106,6 @@ def build_app(
     @app.middleware("http")
     async def request_id(request: Request, call_next):
         rid = str(uuid.uuid4())
-        request.state.request_id = rid
         try:
             response = await call_next(request)
         except Exception:  # never a stack trace in a body
