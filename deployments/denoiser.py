@@ -6,6 +6,7 @@ import torch
 from ray import serve
 
 from deployments.runtime import StageRuntime
+from models.denoise import denoise_step
 from models.engine import DenoiseEngine
 from models.loading import load_scheduler_config, load_transformer
 from models.pipeline import start_state
@@ -26,8 +27,6 @@ class Denoiser:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        from models.denoise import denoise_step
-
         dim = self.transformer.config.joint_attention_dim
         pooled_dim = self.transformer.config.pooled_projection_dim
         request = GenerationRequest(prompt="", width=256, height=256, num_inference_steps=1, guidance_scale=4.5, seed=0)
