@@ -46,6 +46,31 @@ class Settings(BaseSettings):
         None, description="Base for file URLs in responses; unset = the scheme and host the client used."
     )
 
+    # --- queue (fal's /queue routes) ---
+    redis_url: str | None = Field(
+        None, description="Request store shared by all ingress replicas, e.g. redis://host:6379/1; unset = embedded."
+    )
+    queue_db_path: Path = Field(
+        Path("state/requests.sqlite3"), description="Embedded request store (SQLite); shared by replicas on one node."
+    )
+    result_ttl_s: float = Field(3600.0, gt=0, description="How long a finished request stays readable.")
+    queue_max_pending: int = Field(1000, ge=1, description="Submits beyond this many waiting requests get 429.")
+    queue_concurrency: int = Field(8, ge=1, description="Queued requests one ingress replica runs at once.")
+    queue_lease_s: float = Field(
+        30.0, gt=0, description="A running request whose replica stops renewing this long goes back to the queue."
+    )
+    sync_max_concurrency: int = Field(32, ge=1, description="Synchronous runs per ingress replica before 429.")
+    webhook_timeout_s: float = 10.0
+    webhook_attempts: int = Field(3, ge=1)
+    webhook_allowed_networks: list[str] = Field(
+        default_factory=list, description="Non-public networks fal_webhook may reach anyway (JSON list)."
+    )
+
+    # --- access ---
+    api_keys: list[str] = Field(
+        default_factory=list, description='Accepted `Authorization: Key <key>` values (JSON list); empty = open.'
+    )
+
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
+from typing import AsyncIterator
+
 import torch
 from ray import serve
 
@@ -12,6 +16,16 @@ from models.loading import load_scheduler_config, load_transformer
 from models.pipeline import start_state
 from models.request import GenerationRequest
 from models.text_encoding import PromptEmbedding
+
+
+@dataclass
+class DenoiseUpdate:
+    """One item of `Denoiser.denoise`'s stream: a start update (step 0), one per step, the latents last."""
+
+    step: int
+    total: int
+    latents: torch.Tensor | None = None  # packed (num_images, L, 64) on CPU, in the last update only
+    note: str | None = None  # something the request's logs should say (e.g. an acceleration fallback)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
@@ -45,8 +59,11 @@ class Denoiser:
         request: GenerationRequest,
         embedding: PromptEmbedding,
         image_start: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Final packed latents (num_images, L, 64) on CPU for the request."""
+    ) -> AsyncIterator[DenoiseUpdate]:
+        """Stream (call with `.options(stream=True)`): an update per step, the latents last.
+
+        Cancelling the call removes the request from the engine before its next forward.
+        """
         state = start_state(
             request,
             self.scheduler_config,
@@ -56,11 +73,21 @@ class Denoiser:
             self.runtime.dtype,
             image_start,
         )
-        latents = await self.engine.submit(state)
-        return latents.cpu()
+        yield DenoiseUpdate(0, state.schedule.num_steps)
+        updates: asyncio.Queue[DenoiseUpdate | None] = asyncio.Queue()
+        future = self.engine.submit(state, lambda done, total: updates.put_nowait(DenoiseUpdate(done, total)))
+        future.add_done_callback(lambda _: updates.put_nowait(None))
+        try:
+            while (update := await updates.get()) is not None:
+                if update.step < update.total:
+                    yield update
+            latents = future.result()
+            yield DenoiseUpdate(state.step, state.schedule.num_steps, latents.cpu())
+        finally:
+            future.cancel()
 
     def stats(self) -> dict:
-        return {"batch_sizes": dict(self.engine.batch_sizes)}
+        return {"batch_sizes": dict(self.engine.batch_sizes), "active": self.engine.active}
 
     def ping(self) -> bool:
         return True

@@ -7,8 +7,10 @@ build it over `InProcessBackend`.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import uuid
+from contextlib import asynccontextmanager
 from typing import Awaitable, Callable, Protocol
 
 from fastapi import FastAPI, HTTPException, Request
@@ -17,19 +19,29 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from api.images import CONTENT_TYPES, ImageLoadError, data_uri, decode_image, encode_image
 from api.schemas import Image, ImageToImageInput, Output, TextToImageInput, to_generation_request
+from deployments.fal_proxy import FalProxyRoute
 from deployments.image_fetch import fetch_image_bytes
+from deployments.queue_routes import REQUEST_ID_HEADER, queue_router
+from deployments.queue_worker import QueueWorker
+from deployments.request_store import RequestStore, open_store
 from deployments.storage import ImageStore
 from models.pipeline import GenerationResult, SRPOPipeline
 from models.request import GenerationRequest
 from settings import Settings
 
 logger = logging.getLogger(__name__)
-REQUEST_ID_HEADER = "x-fal-request-id"
+
+
+LogSink = Callable[[str], None]  # receives progress messages; must be safe to call from any thread
+
+
+def no_log(_: str) -> None:
+    return None
 
 
 class GenerationBackend(Protocol):
     async def generate(
-        self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str
+        self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str, log: LogSink = no_log
     ) -> GenerationResult: ...
 
 
@@ -41,10 +53,14 @@ class InProcessBackend:
         self._lock = asyncio.Lock()
 
     async def generate(
-        self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str
+        self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str, log: LogSink = no_log
     ) -> GenerationResult:
+        def on_step(done: int, total: int) -> None:
+            log(f"step {done}/{total}")
+
         async with self._lock:
-            return await asyncio.to_thread(self.pipeline.generate, request, enable_safety_checker)
+            log("Generating in-process: prompt, denoising, decoding")
+            return await asyncio.to_thread(self.pipeline.generate, request, enable_safety_checker, on_step)
 
 
 def base_url(request: Request, settings: Settings) -> str:
@@ -64,16 +80,18 @@ class SRPOService:
         self.settings = settings
         self.store = ImageStore(settings.storage_dir)
 
-    async def run(self, body: TextToImageInput | ImageToImageInput, base: str) -> Output:
+    async def run(self, body: TextToImageInput | ImageToImageInput, base: str, log: LogSink = no_log) -> Output:
         """Generate; `base` prefixes file URLs (unused with sync_mode, which returns data URIs)."""
         seed = body.resolved_seed()
         source = None
         if isinstance(body, ImageToImageInput):
+            log("Loading the input image")
             source = await _load_source(body.image_url, self.settings)
         generation = to_generation_request(body, seed, source)
         result = await self.backend.generate(
-            generation, enable_safety_checker=body.enable_safety_checker, acceleration=body.acceleration
+            generation, enable_safety_checker=body.enable_safety_checker, acceleration=body.acceleration, log=log
         )
+        log(f"Encoding {len(result.images)} {body.output_format} image(s)")
         encoded = await asyncio.to_thread(lambda: [encode_image(px, body.output_format) for px in result.images])
         content_type = CONTENT_TYPES[body.output_format]
         images = []
@@ -92,16 +110,33 @@ class SRPOService:
 def build_app(
     service: SRPOService,
     stage_health: Callable[[], Awaitable[dict[str, bool]]] | None = None,
+    store: RequestStore | None = None,
 ) -> FastAPI:
+    """The HTTP app; `store` defaults to the one the settings select (embedded or Redis)."""
     settings = service.settings
+    worker = QueueWorker(store or open_store(settings), service, settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        worker.start()
+        yield
+        await worker.stop()
+        await worker.store.close()
+
     app = FastAPI(
         title="FLUX.1 SRPO [dev], fal-compatible",
-        description="fal's `fal-ai/flux/srpo` endpoints, self-hosted.",
+        description="fal's `fal-ai/flux/srpo` endpoints, self-hosted: synchronous and queued.",
         version="0.1.0",
+        lifespan=lifespan,
     )
-    app.add_middleware(
-        CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER]
-    )
+
+    # Middleware added later wraps the earlier ones: proxy rewrite > CORS > request id > API key.
+    @app.middleware("http")
+    async def api_key(request: Request, call_next):
+        if settings.api_keys and not _public(request) and not _key_accepted(request, settings.api_keys):
+            return JSONResponse({"detail": "Missing or invalid API key (send 'Authorization: Key <key>')"},
+                                status_code=401, headers={"WWW-Authenticate": "Key"})
+        return await call_next(request)
 
     @app.middleware("http")
     async def request_id(request: Request, call_next):
@@ -114,8 +149,22 @@ def build_app(
         response.headers.setdefault(REQUEST_ID_HEADER, rid)
         return response
 
+    app.add_middleware(
+        CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER]
+    )
+    app.add_middleware(FalProxyRoute)
+
+    in_flight = 0
+
     async def run(body: TextToImageInput | ImageToImageInput, request: Request) -> Output:
-        return await service.run(body, base_url(request, settings))
+        nonlocal in_flight
+        if in_flight >= settings.sync_max_concurrency:  # refused before any work starts
+            raise HTTPException(429, "Too many requests in progress; retry later", headers={"Retry-After": "2"})
+        in_flight += 1
+        try:
+            return await service.run(body, base_url(request, settings))
+        finally:
+            in_flight -= 1
 
     @app.post("/fal-ai/flux/srpo", response_model=Output, summary="Text to image")
     async def text_to_image(body: TextToImageInput, request: Request) -> Output:
@@ -124,6 +173,8 @@ def build_app(
     @app.post("/fal-ai/flux/srpo/image-to-image", response_model=Output, summary="Image to image")
     async def image_to_image(body: ImageToImageInput, request: Request) -> Output:
         return await run(body, request)
+
+    app.include_router(queue_router(worker, lambda request: base_url(request, settings)))
 
     @app.get("/files/{name}", summary="An output image")
     async def files(name: str) -> FileResponse:
@@ -139,6 +190,19 @@ def build_app(
         return JSONResponse({"status": "ok" if ready else "starting", "stages": stages}, status_code=200 if ready else 503)
 
     return app
+
+
+def _public(request: Request) -> bool:
+    """Health (probes) and files (unguessable names) need no key; CORS preflights carry none."""
+    path = request.url.path
+    return request.method == "OPTIONS" or path == "/health" or path.startswith("/files/")
+
+
+def _key_accepted(request: Request, keys: list[str]) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "key" or not given:
+        return False
+    return any(hmac.compare_digest(given.strip().encode(), key.encode()) for key in keys)
 
 
 async def _load_source(url: str, settings: Settings):

@@ -1,22 +1,18 @@
 """Fetching `image_url` for image-to-image: data URIs and http(s), under size, pixel and time limits.
 
-Hosts that resolve into private, loopback, link-local, reserved or metadata ranges are refused
-(before any connection is made) unless a setting lists their network, so a request cannot make
-the server reach its own network.
-Redirects are followed by hand so every hop is checked.
+Every hop, redirects included (followed by hand), passes `outbound.check_destination` first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
-import socket
-from urllib.parse import unquote_to_bytes, urljoin, urlsplit
+from urllib.parse import unquote_to_bytes, urljoin
 
 import httpx
 
 from api.images import ImageLoadError
+from deployments.outbound import BlockedDestination, check_destination
 
 MAX_REDIRECTS = 3
 
@@ -36,31 +32,17 @@ def _decode_data_uri(url: str, max_bytes: int) -> bytes:
     return data
 
 
-async def _check_host(host: str, port: int, allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ImageLoadError(f"cannot resolve host {host}") from exc
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if any(address in net for net in allowed):
-            continue
-        if not address.is_global or address.is_multicast:
-            raise ImageLoadError(f"host {host} resolves to a non-public address, which this server does not fetch")
-
-
 async def fetch_image_bytes(url: str, *, max_bytes: int, timeout_s: float, allowed_networks: list[str]) -> bytes:
     """The bytes behind `url`; raises ImageLoadError with a message safe to return to the client."""
-    allowed = [ipaddress.ip_network(n, strict=False) for n in allowed_networks]
     if url.startswith("data:"):
         return _decode_data_uri(url, max_bytes)
     try:
         async with asyncio.timeout(timeout_s), httpx.AsyncClient(follow_redirects=False, timeout=timeout_s) as client:
             for _ in range(MAX_REDIRECTS + 1):
-                parts = urlsplit(url)
-                if parts.scheme not in ("http", "https") or not parts.hostname:
-                    raise ImageLoadError("only http(s) URLs and data URIs are fetched")
-                await _check_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), allowed)
+                try:
+                    await check_destination(url, allowed_networks)
+                except BlockedDestination as exc:
+                    raise ImageLoadError(str(exc)) from exc
                 async with client.stream("GET", url) as response:
                     if response.is_redirect:
                         url = urljoin(url, response.headers["location"])

@@ -10,7 +10,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from api.schemas import ImageToImageInput, Output, TextToImageInput
-from deployments.http_app import SRPOService, build_app
+from deployments.http_app import LogSink, SRPOService, build_app, no_log
 from models.pipeline import GenerationResult
 from models.request import GenerationRequest
 from settings import get_settings
@@ -26,17 +26,32 @@ class GraphBackend:
         self.stages = {"text_encoder": text_encoder, "denoiser": denoiser, "decoder": decoder}
 
     async def generate(
-        self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str
+        self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str, log: LogSink = no_log
     ) -> GenerationResult:
         began = time.perf_counter()
         text, denoiser, decoder = self.stages.values()
+        log("Encoding the prompt")
         embedding = text.encode.remote(request.prompt)
         image_start = None
         if request.image is not None:
+            log("Encoding the input image")
             image_start = decoder.encode_image.remote(
                 request.image, request.height, request.width, request.seed, request.num_images
             )
-        latents = denoiser.denoise.remote(dataclasses.replace(request, image=None), embedding, image_start)
+        # Cancelling this coroutine cancels the stream, which takes the request out of the engine.
+        stream = denoiser.options(stream=True).denoise.remote(
+            dataclasses.replace(request, image=None), embedding, image_start
+        )
+        latents = None
+        async for update in stream:
+            if update.note:
+                log(update.note)
+            if update.step == 0:
+                log(f"Denoising {request.num_images} image(s) at {request.width}x{request.height}")
+            else:
+                log(f"step {update.step}/{update.total}")
+            latents = update.latents
+        log("Decoding" + (" and checking safety" if enable_safety_checker else ""))
         decoded = await decoder.decode.remote(latents, request.height, request.width, enable_safety_checker)
         return GenerationResult(decoded.images, decoded.has_nsfw_concepts, request.seed, time.perf_counter() - began)
 

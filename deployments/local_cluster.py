@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import ssl
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,23 +26,46 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_serve(env: dict[str, str], args: dict[str, Any] | None = None) -> Iterator[str]:
-    """Start Ray + Serve on 127.0.0.1 with `env` for every replica; yield the base URL."""
+def running_serve(
+    env: dict[str, str],
+    args: dict[str, Any] | None = None,
+    tls: tuple[Path, Path] | None = None,
+    secrets: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """Start Ray + Serve on 127.0.0.1 with `env` for every replica; yield the base URL.
+
+    `tls` is (certificate, key): Serve's proxy then speaks HTTPS. `secrets` reach the replicas
+    through the process environment they inherit, not the runtime_env, which Ray logs.
+    """
     port = free_port()
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        runtime_env={"env_vars": env},
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    http_options: dict[str, Any] = {"host": "127.0.0.1", "port": port}
+    if tls is not None:
+        http_options |= {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])}
+    scheme = "https" if tls else "http"
+    saved = {key: os.environ.get(key) for key in secrets or {}}
+    os.environ.update(secrets or {})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        ray.init(
+            num_cpus=8,
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    try:
+        serve.start(http_options=http_options)
         serve.run(build_app(args or {}), name=APP_NAME, route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
+        base = f"{scheme}://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+            verify = ssl.create_default_context(cafile=str(tls[0])) if tls else True
+            if httpx.get(f"{base}/health", timeout=5, verify=verify).status_code == 200:
                 break
             time.sleep(0.5)
         yield base
@@ -50,4 +75,10 @@ def running_serve(env: dict[str, str], args: dict[str, Any] | None = None) -> It
 
 
 def tiny_env(tiny_root: Path, storage: Path, **extra: str) -> dict[str, str]:
-    return {"SRPO_TINY_DIR": str(tiny_root), "SRPO_STORAGE_DIR": str(storage), **extra}
+    """Replica settings for the tiny preset, with outputs and the embedded queue under `storage`."""
+    return {
+        "SRPO_TINY_DIR": str(tiny_root),
+        "SRPO_STORAGE_DIR": str(storage / "files"),
+        "SRPO_QUEUE_DB_PATH": str(storage / "queue" / "requests.sqlite3"),
+        **extra,
+    }

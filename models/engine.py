@@ -4,6 +4,7 @@ Before every transformer forward the engine picks which active requests run: tho
 oldest waiting request's resolution, in arrival order, under a token budget. The oldest request
 always runs, so nothing starves; a new request joins at the next step and a finished one leaves
 at once. The forward runs in a worker thread so the caller's event loop stays responsive.
+A caller cancels by cancelling its future: the request leaves before the next forward.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 from diffusers import FluxTransformer2DModel
 
@@ -21,6 +24,8 @@ from models.denoise import DenoiseState, denoise_step
 logger = logging.getLogger(__name__)
 
 TEXT_TOKENS = 512
+
+StepHook = Callable[[int, int], None]  # (steps done, steps in the request's schedule)
 
 
 def tokens_per_sample(state: DenoiseState) -> int:
@@ -32,6 +37,7 @@ class _Job:
     order: int
     state: DenoiseState = field(compare=False)
     future: asyncio.Future = field(compare=False)
+    on_step: StepHook | None = field(compare=False, default=None)
 
 
 class DenoiseEngine:
@@ -44,12 +50,20 @@ class DenoiseEngine:
         self._task: asyncio.Task | None = None
         self.batch_sizes: Counter[int] = Counter()  # samples per forward -> number of forwards
 
-    def submit(self, state: DenoiseState) -> asyncio.Future:
-        """Queue a request; the future resolves to its final packed latents."""
+    @property
+    def active(self) -> int:
+        """Requests queued or being denoised (cancelled ones leave before the next forward)."""
+        return sum(not j.future.done() for j in self._jobs)
+
+    def submit(self, state: DenoiseState, on_step: StepHook | None = None) -> asyncio.Future:
+        """Queue a request; the future resolves to its final packed latents.
+
+        `on_step(done, total)` runs on the event loop after each forward that advanced it.
+        """
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
         future = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(next(self._counter), state, future))
+        self._jobs.append(_Job(next(self._counter), state, future, on_step))
         self._wake.set()
         return future
 
@@ -87,6 +101,13 @@ class DenoiseEngine:
                 continue
             self.batch_sizes[sum(s.num_samples for s in states)] += 1
             for job in batch:
-                if job.state.done and not job.future.done():
+                if job.future.done():
+                    continue
+                if job.on_step is not None:
+                    try:
+                        job.on_step(job.state.step, job.state.schedule.num_steps)
+                    except Exception:  # a broken progress consumer must not stop the engine
+                        logger.exception("progress hook failed")
+                if job.state.done:
                     job.future.set_result(job.state.latents)
             self._jobs = [j for j in self._jobs if not j.state.done]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from models.denoise import DenoiseState, denoise_step
+from models.engine import StepHook
 from models.loading import check_model_folder, load_scheduler_config, load_transformer
 from models.request import GenerationRequest
 from models.sampling import initial_noise, make_schedule, noised_image_latents
@@ -79,7 +80,10 @@ class SRPOPipeline:
         self.safety = SafetyChecker(safety_dir, device, dtype) if safety_dir is not None else None
 
     @torch.no_grad()
-    def generate(self, request: GenerationRequest, enable_safety_checker: bool = True) -> GenerationResult:
+    def generate(
+        self, request: GenerationRequest, enable_safety_checker: bool = True, on_step: StepHook | None = None
+    ) -> GenerationResult:
+        """`on_step(done, total)` is called after every denoising step."""
         began = time.perf_counter()
         embedding = self.text.encode([request.prompt])[0]
         image_start = None
@@ -98,6 +102,8 @@ class SRPOPipeline:
         )
         while not state.done:
             denoise_step(self.transformer, [state])
+            if on_step is not None:
+                on_step(state.step, state.schedule.num_steps)
         images = self.vae.decode(state.latents, request.height, request.width)
         flags = [False] * len(images)
         if enable_safety_checker and self.safety is not None:

@@ -30,7 +30,8 @@ SOURCE = _png_data_uri()
 @pytest.fixture(scope="module")
 def client(tiny_model_dir, tiny_safety_dir, tmp_path_factory):
     pipeline = SRPOPipeline(tiny_model_dir, tiny_safety_dir, CPU, torch.float32)
-    settings = get_settings().model_copy(update={"storage_dir": tmp_path_factory.mktemp("files")})
+    state = tmp_path_factory.mktemp("state")
+    settings = get_settings().model_copy(update={"storage_dir": state / "files", "queue_db_path": state / "requests.sqlite3"})
     return TestClient(build_app(SRPOService(InProcessBackend(pipeline), settings)))
 
 

@@ -1,0 +1,137 @@
+"""fal's queue routes under /queue: submit, status (polled and streamed), result, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import AsyncIterator
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from api.queue_schemas import APP_ALIAS, ENDPOINTS, CancelResponse, QueueStatus, QueueUrls, SubmitResponse
+from api.schemas import ImageToImageInput, TextToImageInput
+from deployments.outbound import BlockedDestination, check_destination
+from deployments.queue_worker import QueueWorker
+from deployments.request_store import CANCELLED, NewRequest, RequestRecord
+
+STREAM_POLL_S = 0.1
+REQUEST_ID_HEADER = "x-fal-request-id"
+
+
+def status_body(record: RequestRecord, base: str, logs: bool) -> QueueStatus:
+    metrics = None
+    if record.status == "COMPLETED" and record.inference_time is not None:
+        metrics = {"inference_time": record.inference_time}
+    return QueueStatus(
+        **QueueUrls.for_request(base, record.id).model_dump(),
+        status=record.status,
+        queue_position=record.queue_position if record.status == "IN_QUEUE" else None,
+        logs=record.logs if logs and record.status != "IN_QUEUE" else None,
+        metrics=metrics,
+        error=record.error,
+        error_type=record.error_type,
+    )
+
+
+def _logs_flag(logs: str | None) -> bool:
+    return (logs or "0").lower() in ("1", "true", "yes")
+
+
+def queue_router(worker: QueueWorker, base_url) -> APIRouter:
+    """`base_url(request)` is the scheme and host the client used."""
+    store, settings = worker.store, worker.settings
+    router = APIRouter(prefix="/queue")
+
+    async def submit(endpoint: str, body: TextToImageInput | ImageToImageInput, request: Request,
+                     fal_webhook: str | None) -> JSONResponse:
+        if fal_webhook is not None:
+            try:
+                await check_destination(fal_webhook, settings.webhook_allowed_networks)
+            except BlockedDestination as exc:
+                raise HTTPException(422, [{"loc": ["query", "fal_webhook"], "msg": str(exc),
+                                           "type": "value_error", "input": fal_webhook}]) from exc
+        base = base_url(request)
+        new = NewRequest(id=str(uuid.uuid4()), endpoint=endpoint, input=body.model_dump(mode="json"),
+                         base_url=base, webhook_url=fal_webhook)
+        position = await store.enqueue(new, settings.queue_max_pending)
+        if position is None:  # nothing was stored: a client's retry cannot double the work
+            return JSONResponse({"detail": "The queue is full; retry later"}, status_code=429,
+                                headers={"Retry-After": "5"})
+        worker.wake()
+        response = SubmitResponse(**QueueUrls.for_request(base, new.id).model_dump(), queue_position=position)
+        return JSONResponse(response.model_dump(mode="json"), headers={REQUEST_ID_HEADER: new.id})
+
+    @router.post(f"/{ENDPOINTS[0]}", response_model=SubmitResponse, summary="Queue a text-to-image request")
+    async def submit_text_to_image(body: TextToImageInput, request: Request,
+                                   fal_webhook: str | None = Query(None)) -> JSONResponse:
+        return await submit(ENDPOINTS[0], body, request, fal_webhook)
+
+    @router.post(f"/{ENDPOINTS[1]}", response_model=SubmitResponse, summary="Queue an image-to-image request")
+    async def submit_image_to_image(body: ImageToImageInput, request: Request,
+                                    fal_webhook: str | None = Query(None)) -> JSONResponse:
+        return await submit(ENDPOINTS[1], body, request, fal_webhook)
+
+    async def known(request_id: str) -> RequestRecord:
+        record = await store.get(request_id)
+        if record is None:
+            raise HTTPException(404, f"Request {request_id} not found")
+        return record
+
+    @router.get(f"/{APP_ALIAS}/requests/{{request_id}}/status", response_model=QueueStatus,
+                summary="A queued request's status (202 until it completes)")
+    async def status(request_id: str, request: Request, logs: str | None = None) -> JSONResponse:
+        record = await known(request_id)
+        body = status_body(record, base_url(request), _logs_flag(logs)).body()
+        return JSONResponse(body, status_code=200 if record.status == "COMPLETED" else 202,
+                            headers={REQUEST_ID_HEADER: request_id})
+
+    @router.get(f"/{APP_ALIAS}/requests/{{request_id}}/status/stream", summary="Status as server-sent events")
+    async def status_stream(request_id: str, request: Request, logs: str | None = None) -> StreamingResponse:
+        await known(request_id)
+        base, with_logs = base_url(request), _logs_flag(logs)
+
+        async def events() -> AsyncIterator[str]:
+            sent_logs, last = 0, None
+            while True:
+                record = await store.get(request_id)
+                if record is None:  # expired while streaming
+                    return
+                new_logs = record.logs[sent_logs:]
+                key = (record.status, record.queue_position, len(record.logs))
+                if key != last:
+                    # Each event carries only the entries new since the previous one.
+                    record.logs = new_logs
+                    yield f"data: {json.dumps(status_body(record, base, with_logs).body())}\n\n"
+                    sent_logs, last = sent_logs + len(new_logs), key
+                if record.status == "COMPLETED":
+                    return
+                await asyncio.sleep(STREAM_POLL_S)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={REQUEST_ID_HEADER: request_id, "Cache-Control": "no-cache"})
+
+    @router.get(f"/{APP_ALIAS}/requests/{{request_id}}", summary="A completed request's result")
+    async def result(request_id: str) -> JSONResponse:
+        record = await known(request_id)
+        if record.status != "COMPLETED":
+            raise HTTPException(400, "Request is still in progress")
+        if record.result_code == 200 and record.input.get("sync_mode"):
+            await store.delete(request_id)  # sync_mode results are not kept in the request history
+        return JSONResponse(record.result, status_code=record.result_code or 500,
+                            headers={REQUEST_ID_HEADER: request_id})
+
+    @router.put(f"/{APP_ALIAS}/requests/{{request_id}}/cancel", response_model=CancelResponse,
+                summary="Cancel a queued or running request")
+    async def cancel(request_id: str) -> JSONResponse:
+        outcome = await store.cancel(request_id)
+        if outcome == "unknown":
+            raise HTTPException(404, f"Request {request_id} not found")
+        if outcome == "completed":
+            return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
+        if outcome == "removed" and (record := await store.get(request_id)) is not None:
+            worker.notify(record, CANCELLED)
+        return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
+
+    return router

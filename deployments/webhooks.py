@@ -1,0 +1,37 @@
+"""Delivering fal's completion webhook: a few attempts with a timeout, never failing the request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+
+from api.queue_schemas import WebhookBody
+from deployments.outbound import BlockedDestination, check_destination
+from settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+async def deliver_webhook(url: str, body: WebhookBody, settings: Settings) -> bool:
+    """POST `body` to `url`; True once the receiver answered 2xx. Errors are logged, not raised."""
+    try:
+        await check_destination(url, settings.webhook_allowed_networks)
+    except BlockedDestination as exc:
+        logger.warning("webhook for %s not sent: %s", body.request_id, exc)
+        return False
+    async with httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False) as client:
+        for attempt in range(settings.webhook_attempts):
+            if attempt:
+                await asyncio.sleep(2 ** (attempt - 1))
+            try:
+                response = await client.post(url, content=body.model_dump_json(),
+                                             headers={"content-type": "application/json"})
+            except httpx.HTTPError as exc:
+                logger.warning("webhook for %s, attempt %d: %s", body.request_id, attempt + 1, type(exc).__name__)
+                continue
+            if response.is_success:
+                return True
+            logger.warning("webhook for %s, attempt %d: HTTP %d", body.request_id, attempt + 1, response.status_code)
+    return False

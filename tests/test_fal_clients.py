@@ -1,0 +1,302 @@
+"""fal's own clients, unmodified, against a live Serve instance (tiny model, embedded store, API key on).
+
+Python: `fal-client` with its URL formats pointed at plain HTTP (the documented way without TLS).
+JavaScript: `@fal-ai/client` in Node, polling, streaming and through the proxy route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import fal_client
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from deployments.local_cluster import running_serve, tiny_env
+from tests.queue_helpers import (
+    APP,
+    REQUESTS,
+    assert_records_survive_ingress_kill,
+    denoised_samples,
+    slow,
+    small,
+    step_logs,
+    wait_status,
+)
+
+KEY = "test-key-5f1c"
+I2I = "fal-ai/flux/srpo/image-to-image"
+MAX_PENDING = 3
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+JS_SCRIPT = Path(__file__).parent / "js" / "subscribe.mjs"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_root, tmp_path_factory):
+    env = tiny_env(
+        tiny_root, tmp_path_factory.mktemp("state"),
+        SRPO_QUEUE_CONCURRENCY="1",  # one queue slot: queued states and positions are deterministic
+        SRPO_QUEUE_MAX_PENDING=str(MAX_PENDING),
+        SRPO_QUEUE_LEASE_S="3",
+        SRPO_WEBHOOK_ALLOWED_NETWORKS='["127.0.0.0/8"]',
+        SRPO_WEBHOOK_ATTEMPTS="3",
+    )
+    args = {"text_batch_wait_s": 0.0, "decode_batch_wait_s": 0.0}
+    with running_serve(env, args, secrets={"SRPO_API_KEYS": json.dumps([KEY])}) as base:
+        yield base
+
+
+@pytest.fixture
+def fal(server, monkeypatch):
+    """fal_client pointed at the server over plain HTTP, as the README documents."""
+    os.environ["FAL_KEY"] = KEY  # read once by the module-level client
+    monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", f"{server}/")
+    monkeypatch.setattr(fal_client.client, "QUEUE_URL_FORMAT", f"{server}/queue/")
+    return fal_client
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server, headers={"Authorization": f"Key {KEY}"}, timeout=30) as client:
+        yield client
+
+
+def _fetch_image(url: str) -> Image.Image:
+    response = httpx.get(url, timeout=10)  # files need no key: their names are unguessable
+    assert response.status_code == 200
+    return Image.open(io.BytesIO(response.content))
+
+
+def test_run_both_endpoints(fal):
+    out = fal.run(APP, arguments=small(num_images=2))
+    assert len(out["images"]) == 2 and out["seed"] == 1 and out["has_nsfw_concepts"] == [False, False]
+    assert _fetch_image(out["images"][0]["url"]).size == (256, 256)
+
+    source = Image.fromarray((np.random.RandomState(0).rand(200, 330, 3) * 255).astype(np.uint8))
+    out = fal.run(I2I, arguments={"prompt": "same, but blue", "image_url": fal.encode_image(source),
+                                  "num_inference_steps": 10, "strength": 0.5, "seed": 3})
+    assert (out["images"][0]["width"], out["images"][0]["height"]) == (320, 192)
+    assert _fetch_image(out["images"][0]["url"]).size == (320, 192)
+
+
+def test_subscribe_reports_queue_position_step_logs_and_completion(fal, http):
+    blocker = fal.submit(APP, arguments=slow(steps=20, side=768))
+    updates = []
+    result = fal.subscribe(APP, arguments=small(num_inference_steps=6), with_logs=True,
+                           on_queue_update=updates.append)
+    assert len(result["images"]) == 1
+    kinds = [type(u).__name__ for u in updates]
+    assert kinds[0] == "Queued" and updates[0].position == 0, kinds
+    assert "InProgress" in kinds and kinds[-1] == "Completed", kinds
+    completed = updates[-1]
+    messages = [entry["message"] for entry in completed.logs]
+    assert [m for m in messages if m.startswith("step ")] == [f"step {i}/6" for i in range(1, 7)]
+    for stage in ("Encoding the prompt", "Denoising 1 image(s) at 256x256", "Decoding and checking safety"):
+        assert stage in messages
+    assert {"level", "source", "timestamp"} <= completed.logs[0].keys()
+    assert completed.metrics["inference_time"] > 0
+    assert fal.result(APP, blocker.request_id)["seed"] == 1
+
+
+def test_submit_then_status_result_and_cancel_by_id(fal):
+    handle = fal.submit(APP, arguments=small(seed=42))
+    assert UUID.match(handle.request_id)
+    status = fal.status(APP, handle.request_id, with_logs=True)
+    assert type(status).__name__ in ("Queued", "InProgress", "Completed")
+    result = fal.result(APP, handle.request_id)
+    assert result["seed"] == 42 and fal.result(APP, handle.request_id) == result  # readable many times
+    done = fal.status(APP, handle.request_id, with_logs=False)
+    assert type(done).__name__ == "Completed" and done.logs is None
+    with pytest.raises(fal_client.FalClientHTTPError) as err:
+        fal.cancel(APP, handle.request_id)
+    assert err.value.status_code == 400 and "ALREADY_COMPLETED" in str(err.value)
+    with pytest.raises(fal_client.FalClientHTTPError) as err:
+        fal.status(APP, "00000000-0000-4000-8000-000000000000")
+    assert err.value.status_code == 404
+
+
+def test_cancelling_a_queued_request_does_no_model_work(fal):
+    before = denoised_samples()
+    blocker = fal.submit(APP, arguments=slow(steps=20, side=512))
+    victim = fal.submit(APP, arguments=small(num_inference_steps=8))
+    assert type(fal.status(APP, victim.request_id)).__name__ == "Queued"
+    fal.cancel(APP, victim.request_id)
+    status = fal.status(APP, victim.request_id, with_logs=True)
+    assert type(status).__name__ == "Completed" and status.error_type == "cancelled" and status.logs == []
+    with pytest.raises(fal_client.FalClientHTTPError) as err:
+        fal.result(APP, victim.request_id)
+    assert err.value.status_code == 400 and "cancelled" in str(err.value)
+    fal.result(APP, blocker.request_id)
+    assert denoised_samples() - before == 20  # the blocker's steps only
+
+
+def test_cancelling_a_running_request_stops_it_at_the_next_step(fal, http):
+    before = denoised_samples()
+    handle = fal.submit(APP, arguments=slow())
+    wait_status(http, handle.request_id, lambda b: len(step_logs(b)) >= 2)
+    fal.cancel(APP, handle.request_id)
+    done = wait_status(http, handle.request_id, lambda b: b["status"] == "COMPLETED", timeout_s=30)
+    assert done["error_type"] == "cancelled"
+    assert len(step_logs(done)) < 50
+    assert http.get(f"{REQUESTS}/{handle.request_id}").status_code == 400
+    assert denoised_samples() - before < 50
+    # Its place in the engine is free again: the next request runs at once.
+    assert fal.run(APP, arguments=small())["seed"] == 1
+
+
+def test_invalid_input_is_the_clients_http_error_naming_the_field(fal):
+    with pytest.raises(fal_client.FalClientHTTPError) as err:
+        fal.run(APP, arguments=small(num_inference_steps=0))
+    assert err.value.status_code == 422 and "num_inference_steps" in str(err.value)
+    with pytest.raises(fal_client.FalClientHTTPError) as err:  # validated at submit: nothing is queued
+        fal.submit(APP, arguments=small(guidance_scale=99))
+    assert err.value.status_code == 422 and "guidance_scale" in str(err.value)
+
+
+def test_async_client(fal):
+    async def scenario():
+        client = fal_client.AsyncClient(key=KEY)
+        updates = []
+        result = await client.subscribe(APP, arguments=small(seed=7), with_logs=True, on_queue_update=updates.append)
+        ran = await client.run(APP, arguments=small(seed=7, sync_mode=True))
+        return result, ran, updates
+
+    result, ran, updates = asyncio.run(scenario())
+    assert result["seed"] == 7 and type(updates[-1]).__name__ == "Completed"
+    assert ran["images"][0]["url"].startswith("data:image/jpeg;base64,")
+
+
+def test_api_key_is_required_except_for_health_and_files(fal, server):
+    url = fal.run(APP, arguments=small())["images"][0]["url"]
+    for headers in ({}, {"Authorization": "Key wrong"}, {"Authorization": f"Bearer {KEY}"}):
+        assert httpx.post(f"{server}/fal-ai/flux/srpo", json=small(), headers=headers).status_code == 401
+        assert httpx.get(f"{server}{REQUESTS}/x/status", headers=headers).status_code == 401
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert httpx.get(url).status_code == 200
+    logs = Path("/tmp/ray/session_latest/logs")
+    leaked = [p.name for p in logs.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+    assert not leaked, f"the API key appears in {leaked}"
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    bodies: list[dict] = []
+    status = 200
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        length = int(self.headers["content-length"])
+        type(self).bodies.append(json.loads(self.rfile.read(length)))
+        self.send_response(type(self).status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        return None
+
+
+@pytest.fixture
+def receiver():
+    handler = type("Receiver", (_Receiver,), {"bodies": [], "status": 200})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield handler, f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+
+
+def test_webhook_receives_the_body_once(fal, receiver):
+    handler, url = receiver
+    handle = fal.submit(APP, arguments=small(seed=11), webhook_url=url)
+    result = fal.result(APP, handle.request_id)
+    deadline = time.monotonic() + 10
+    while not handler.bodies and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert len(handler.bodies) == 1
+    body = handler.bodies[0]
+    assert body == {"request_id": handle.request_id, "gateway_request_id": handle.request_id, "status": "OK",
+                    "payload": result, "error": None}
+
+
+def test_a_failing_webhook_receiver_never_affects_the_result(fal, receiver):
+    handler, url = receiver
+    handler.status = 500
+    handle = fal.submit(APP, arguments=small(seed=12), webhook_url=url)
+    assert fal.result(APP, handle.request_id)["seed"] == 12
+    deadline = time.monotonic() + 15
+    while len(handler.bodies) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(handler.bodies) == 3  # every attempt, then it gives up
+    assert fal.result(APP, handle.request_id)["seed"] == 12
+
+
+def test_a_webhook_into_a_private_network_is_refused_at_submit(http):
+    response = http.post(f"/queue/{APP}", params={"fal_webhook": "http://169.254.169.254/latest"}, json=small())
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
+
+
+def test_a_full_queue_answers_429_and_enqueues_nothing(http):
+    blocker = http.post(f"/queue/{APP}", json=slow(steps=20, side=512)).json()["request_id"]
+    wait_status(http, blocker, lambda b: b["status"] != "IN_QUEUE")
+    queued = [http.post(f"/queue/{APP}", json=small(seed=s)).json() for s in range(MAX_PENDING)]
+    assert [q["queue_position"] for q in queued] == list(range(MAX_PENDING))
+    refused = http.post(f"/queue/{APP}", json=small())
+    assert refused.status_code == 429 and refused.headers["retry-after"]
+    assert refused.headers["content-type"] == "application/json"
+    last = http.get(f"{REQUESTS}/{queued[-1]['request_id']}/status").json()
+    assert last["queue_position"] == MAX_PENDING - 1  # nothing was added behind it
+    for q in queued:
+        wait_status(http, q["request_id"], lambda b: b["status"] == "COMPLETED")
+
+
+def test_urls_follow_the_scheme_and_host_the_client_used(http):
+    body = http.post(f"/queue/{APP}", json=small(),
+                     headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "images.example.com"}).json()
+    rid = body["request_id"]
+    assert body["status_url"] == f"https://images.example.com/queue/fal-ai/flux/requests/{rid}/status"
+    assert body["response_url"] == f"https://images.example.com/queue/fal-ai/flux/requests/{rid}"
+    assert body["cancel_url"] == f"https://images.example.com/queue/fal-ai/flux/requests/{rid}/cancel"
+    wait_status(http, rid, lambda b: b["status"] == "COMPLETED")
+
+
+def test_status_stream_sends_each_log_once_then_closes(http):
+    rid = http.post(f"/queue/{APP}", json=small(num_inference_steps=5)).json()["request_id"]
+    events = []
+    with http.stream("GET", f"{REQUESTS}/{rid}/status/stream", params={"logs": 1}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1]["status"] == "COMPLETED"
+    messages = [e["message"] for event in events for e in event.get("logs") or []]
+    assert [m for m in messages if m.startswith("step ")] == [f"step {i}/5" for i in range(1, 6)]
+
+
+def test_the_proxy_route_refuses_other_targets(http):
+    response = http.post("/api/fal/proxy", json=small(), headers={"x-fal-target-url": "https://example.com/x"})
+    assert response.status_code == 400 and "x-fal-target-url" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("mode", ["poll", "stream", "proxy"])
+def test_javascript_client_subscribe(server, mode):
+    run = subprocess.run(["node", str(JS_SCRIPT), server, KEY, mode], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert UUID.match(out["requestId"])
+    assert len(out["data"]["images"]) == 1 and out["data"]["seed"] == 5
+    assert out["statuses"][-1] == "COMPLETED" and "IN_PROGRESS" in out["statuses"]
+    assert [m for m in out["logs"] if m.startswith("step ")] == [f"step {i}/6" for i in range(1, 7)]
+
+
+def test_records_survive_killing_the_ingress_replica(http):
+    assert_records_survive_ingress_kill(http)

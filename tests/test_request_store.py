@@ -1,0 +1,144 @@
+"""The request store's contract, on the embedded SQLite store and on a real redis-server.
+
+Two store objects over the same file / server stand for two ingress replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import redis
+
+from api.queue_schemas import LogEntry
+from deployments.request_store import (
+    CANCELLED_BODY,
+    Completion,
+    NewRequest,
+    RedisRequestStore,
+    RequestStore,
+    SqliteRequestStore,
+)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make_store(request, tmp_path, redis_url):
+    stores: list[RequestStore] = []
+    if request.param == "redis":
+        redis.Redis.from_url(redis_url).flushdb()
+
+    def make(ttl_s: float = 60.0) -> RequestStore:
+        store = (SqliteRequestStore(tmp_path / "requests.sqlite3", ttl_s) if request.param == "sqlite"
+                 else RedisRequestStore(redis_url, ttl_s))
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:  # Redis connections belong to each test's finished event loop
+        if isinstance(store, SqliteRequestStore):
+            asyncio.run(store.close())
+
+
+def _new(**fields) -> NewRequest:
+    return NewRequest(id=str(uuid.uuid4()), endpoint="fal-ai/flux/srpo", input={"prompt": "x"},
+                      base_url="http://h", **fields)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_positions_claims_in_order_and_shares_records_between_replicas(make_store):
+    async def scenario():
+        a, b = make_store(), make_store()
+        first, second, third = _new(), _new(), _new()
+        assert await a.enqueue(first, 10) == 0
+        assert await b.enqueue(second, 10) == 1
+        assert await a.enqueue(third, 10) == 2
+        assert (await b.get(third.id)).queue_position == 2
+        claimed = await b.claim("replica-b", 30)
+        assert claimed.id == first.id and claimed.status == "IN_PROGRESS"
+        assert (await a.get(third.id)).queue_position == 1
+        await b.append_logs(first.id, [LogEntry(message="step 1/4"), LogEntry(message="step 2/4")])
+        await b.complete(first.id, Completion(code=200, body={"images": []}, inference_time=0.5))
+        seen = await a.get(first.id)
+        assert seen.status == "COMPLETED" and seen.result == {"images": []} and seen.result_code == 200
+        assert [e.message for e in seen.logs] == ["step 1/4", "step 2/4"]
+        assert seen.inference_time == 0.5
+        assert (await a.claim("replica-a", 30)).id == second.id
+        assert await a.get("no-such-id") is None
+
+    run(scenario())
+
+
+def test_full_queue_enqueues_nothing(make_store):
+    async def scenario():
+        store = make_store()
+        for _ in range(2):
+            assert await store.enqueue(_new(), max_pending=2) is not None
+        refused = _new()
+        assert await store.enqueue(refused, max_pending=2) is None
+        assert await store.get(refused.id) is None
+        assert await store.pending() == 2
+
+    run(scenario())
+
+
+def test_cancel_queued_running_completed_and_unknown(make_store):
+    async def scenario():
+        store = make_store()
+        running, queued = _new(), _new()
+        await store.enqueue(running, 10)
+        await store.enqueue(queued, 10)
+        await store.claim("w", 30)
+        assert await store.cancel(queued.id) == "removed"
+        record = await store.get(queued.id)
+        assert record.status == "COMPLETED" and record.result == CANCELLED_BODY and record.error_type == "cancelled"
+        assert await store.claim("w", 30) is None  # a cancelled queued request is never run
+        assert not await store.cancel_requested(running.id)
+        assert await store.cancel(running.id) == "requested"
+        assert await store.cancel_requested(running.id)
+        await store.complete(running.id, Completion(code=200, body={}))
+        assert await store.cancel(running.id) == "completed"
+        assert await store.cancel("no-such-id") == "unknown"
+
+    run(scenario())
+
+
+def test_expired_lease_requeues_at_the_head(make_store):
+    async def scenario():
+        dead, alive = make_store(), make_store()
+        orphan, later = _new(), _new()
+        await dead.enqueue(orphan, 10)
+        await dead.claim("dead-replica", lease_s=0.2)
+        await alive.enqueue(later, 10)
+        assert await alive.requeue_expired() == []
+        await asyncio.sleep(0.3)
+        assert await alive.requeue_expired() == [orphan.id]
+        assert (await alive.get(orphan.id)).queue_position == 0
+        assert not await dead.renew(orphan.id, "dead-replica", 30)  # its old owner lost it
+        assert (await alive.claim("alive-replica", 30)).id == orphan.id
+        assert await alive.renew(orphan.id, "alive-replica", 30)
+
+    run(scenario())
+
+
+def test_finished_records_expire(make_store):
+    async def scenario():
+        store = make_store(ttl_s=1)
+        done, waiting = _new(), _new()
+        await store.enqueue(done, 10)
+        await store.claim("w", 30)
+        await store.complete(done.id, Completion(code=200, body={}))
+        await store.enqueue(waiting, 10)
+        assert await store.get(done.id) is not None
+        deadline = time.monotonic() + 5
+        while await store.get(done.id) is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            await store.requeue_expired()  # the embedded store purges in its sweep
+        assert await store.get(done.id) is None
+        assert (await store.get(waiting.id)).status == "IN_QUEUE"  # unfinished work never expires
+
+    run(scenario())
