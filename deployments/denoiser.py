@@ -59,6 +59,7 @@ class Denoiser:
         request: GenerationRequest,
         embedding: PromptEmbedding,
         image_start: tuple[torch.Tensor, torch.Tensor] | None = None,
+        acceleration: str = "none",
     ) -> AsyncIterator[DenoiseUpdate]:
         """Stream (call with `.options(stream=True)`): an update per step, the latents last.
 

@@ -40,7 +40,7 @@ class GraphBackend:
             )
         # Cancelling this coroutine cancels the stream, which takes the request out of the engine.
         stream = denoiser.options(stream=True).denoise.remote(
-            dataclasses.replace(request, image=None), embedding, image_start
+            dataclasses.replace(request, image=None), embedding, image_start, acceleration
         )
         latents = None
         async for update in stream:
