@@ -29,12 +29,12 @@ def free_port() -> int:
 def running_serve(
     env: dict[str, str],
     args: dict[str, Any] | None = None,
-    tls: tuple[Path, Path] | None = None,
+    tls: tuple[Path, Path, Path] | None = None,
     secrets: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """Start Ray + Serve on 127.0.0.1 with `env` for every replica; yield the base URL.
 
-    `tls` is (certificate, key): Serve's proxy then speaks HTTPS. `secrets` reach the replicas
+    `tls` is (certificate, key, CA that signed it): Serve's proxy then speaks HTTPS. `secrets` reach the replicas
     through the process environment they inherit, not the runtime_env, which Ray logs.
     """
     port = free_port()
@@ -64,7 +64,7 @@ def running_serve(
         base = f"{scheme}://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            verify = ssl.create_default_context(cafile=str(tls[0])) if tls else True
+            verify = ssl.create_default_context(cafile=str(tls[2])) if tls else True
             if httpx.get(f"{base}/health", timeout=5, verify=verify).status_code == 200:
                 break
             time.sleep(0.5)

@@ -1,0 +1,1 @@
+"""Offline tooling for the KubeRay manifests in this folder: serveConfigV2 generation and validation."""
