@@ -36,7 +36,8 @@ def test_serve_run_serves_the_default_config(tmp_path, tiny_root):
     config["http_options"]["port"] = port
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = os.environ | {"SRPO_TINY_DIR": str(tiny_root), "SRPO_STORAGE_DIR": str(tmp_path / "files")}
+    env = os.environ | {"SRPO_TINY_DIR": str(tiny_root), "SRPO_STORAGE_DIR": str(tmp_path / "files"),
+                         "SRPO_QUEUE_DB_PATH": str(tmp_path / "requests.sqlite3")}
     serve_bin = Path(sys.executable).with_name("serve")
     proc = subprocess.Popen([str(serve_bin), "run", str(path)], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
