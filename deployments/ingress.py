@@ -43,14 +43,18 @@ class GraphBackend:
             dataclasses.replace(request, image=None), embedding, image_start, acceleration
         )
         latents = None
-        async for update in stream:
-            if update.note:
-                log(update.note)
-            if update.step == 0:
-                log(f"Denoising {request.num_images} image(s) at {request.width}x{request.height}")
-            else:
-                log(f"step {update.step}/{update.total}")
-            latents = update.latents
+        try:
+            async for update in stream:
+                if update.note:
+                    log(update.note)
+                if update.step == 0:
+                    log(f"Denoising {request.num_images} image(s) at {request.width}x{request.height}")
+                else:
+                    log(f"step {update.step}/{update.total}")
+                latents = update.latents
+        except asyncio.CancelledError:
+            stream.cancel()  # leaving the iteration alone does not stop the replica's generator
+            raise
         log("Decoding" + (" and checking safety" if enable_safety_checker else ""))
         decoded = await decoder.decode.remote(latents, request.height, request.width, enable_safety_checker)
         return GenerationResult(decoded.images, decoded.has_nsfw_concepts, request.seed, time.perf_counter() - began)

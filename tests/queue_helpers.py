@@ -26,11 +26,19 @@ def slow(steps: int = 50, side: int = 1024) -> dict[str, Any]:
 
 
 def wait_status(client: httpx.Client, request_id: str, predicate, timeout_s: float = 60) -> dict:
-    deadline = time.monotonic() + timeout_s
+    deadline, body = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
-        body = client.get(f"{REQUESTS}/{request_id}/status", params={"logs": 1}).json()
-        if predicate(body):
-            return body
+        # While a killed replica is replaced, a poll in flight to it is dropped or answered by
+        # Serve's proxy with its own error; clients retry those (fal's do on connection errors).
+        try:
+            response = client.get(f"{REQUESTS}/{request_id}/status", params={"logs": 1})
+        except httpx.TransportError:
+            time.sleep(0.05)
+            continue
+        if response.status_code in (200, 202):
+            body = response.json()
+            if predicate(body):
+                return body
         time.sleep(0.05)
     raise AssertionError(f"status of {request_id} never matched; last: {body}")
 

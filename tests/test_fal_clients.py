@@ -22,8 +22,9 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from ray import serve
 
-from deployments.local_cluster import running_serve, tiny_env
+from deployments.local_cluster import APP_NAME, running_serve, tiny_env
 from tests.queue_helpers import (
     APP,
     REQUESTS,
@@ -93,7 +94,8 @@ def test_run_both_endpoints(fal):
 def test_subscribe_reports_queue_position_step_logs_and_completion(fal, http):
     blocker = fal.submit(APP, arguments=slow(steps=20, side=768))
     updates = []
-    result = fal.subscribe(APP, arguments=small(num_inference_steps=6), with_logs=True,
+    # Big enough that it is IN_PROGRESS across several of the client's 0.1 s polls.
+    result = fal.subscribe(APP, arguments=small(num_inference_steps=8, image_size="square_hd"), with_logs=True,
                            on_queue_update=updates.append)
     assert len(result["images"]) == 1
     kinds = [type(u).__name__ for u in updates]
@@ -101,8 +103,8 @@ def test_subscribe_reports_queue_position_step_logs_and_completion(fal, http):
     assert "InProgress" in kinds and kinds[-1] == "Completed", kinds
     completed = updates[-1]
     messages = [entry["message"] for entry in completed.logs]
-    assert [m for m in messages if m.startswith("step ")] == [f"step {i}/6" for i in range(1, 7)]
-    for stage in ("Encoding the prompt", "Denoising 1 image(s) at 256x256", "Decoding and checking safety"):
+    assert [m for m in messages if m.startswith("step ")] == [f"step {i}/8" for i in range(1, 9)]
+    for stage in ("Encoding the prompt", "Denoising 1 image(s) at 1024x1024", "Decoding and checking safety"):
         assert stage in messages
     assert {"level", "source", "timestamp"} <= completed.logs[0].keys()
     assert completed.metrics["inference_time"] > 0
@@ -150,7 +152,15 @@ def test_cancelling_a_running_request_stops_it_at_the_next_step(fal, http):
     assert done["error_type"] == "cancelled"
     assert len(step_logs(done)) < 50
     assert http.get(f"{REQUESTS}/{handle.request_id}").status_code == 400
-    assert denoised_samples() - before < 50
+    denoiser = serve.get_deployment_handle("Denoiser", APP_NAME)
+    deadline = time.monotonic() + 5
+    while denoiser.stats.remote().result()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert denoiser.stats.remote().result()["active"] == 0  # it left the engine
+    time.sleep(0.5)  # the forward that was running when it left may still finish
+    settled = denoised_samples()
+    time.sleep(0.5)
+    assert denoised_samples() == settled < before + 50  # and no forward carries it any more
     # Its place in the engine is free again: the next request runs at once.
     assert fal.run(APP, arguments=small())["seed"] == 1
 
@@ -236,6 +246,39 @@ def test_a_failing_webhook_receiver_never_affects_the_result(fal, receiver):
         time.sleep(0.1)
     assert len(handler.bodies) == 3  # every attempt, then it gives up
     assert fal.result(APP, handle.request_id)["seed"] == 12
+
+
+def test_a_failed_request_completes_with_its_error_on_the_result_route_and_webhook(fal, receiver):
+    handler, url = receiver
+    handle = fal.submit(I2I, arguments={"prompt": "x", "image_url": "http://10.1.2.3/photo.png"}, webhook_url=url)
+    status = wait_for_completion(fal, handle.request_id)
+    assert status.error and "Could not load image from url" in status.error
+    with pytest.raises(fal_client.FalClientHTTPError) as err:
+        fal.result(APP, handle.request_id)
+    assert err.value.status_code == 422 and "Could not load image from url" in str(err.value)
+    deadline = time.monotonic() + 10
+    while not handler.bodies and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (body,) = handler.bodies
+    assert body["status"] == "ERROR" and body["request_id"] == handle.request_id
+    assert "Could not load image from url" in body["error"] and "Could not load" in body["payload"]["detail"]
+
+
+def wait_for_completion(fal, request_id: str, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = fal.status(APP, request_id, with_logs=True)
+        if type(status).__name__ == "Completed":
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"{request_id} did not complete")
+
+
+def test_a_queued_sync_mode_result_is_not_kept_after_it_is_read(fal, http):
+    handle = fal.submit(APP, arguments=small(sync_mode=True))
+    out = fal.result(APP, handle.request_id)
+    assert out["images"][0]["url"].startswith("data:image/jpeg;base64,")
+    assert http.get(f"{REQUESTS}/{handle.request_id}").status_code == 404
 
 
 def test_a_webhook_into_a_private_network_is_refused_at_submit(http):
