@@ -99,7 +99,7 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
                 if record is None:  # expired while streaming
                     return
                 new_logs = record.logs[sent_logs:]
-                key = (record.status, record.queue_position, len(record.logs))
+                key = (record.status, record.queue_position, len(record.logs) if with_logs else 0)
                 if key != last:
                     # Each event carries only the entries new since the previous one.
                     record.logs = new_logs
