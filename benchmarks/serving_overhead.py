@@ -1,6 +1,6 @@
 """Serving overhead on CPU with the tiny model: HTTP through the Serve graph vs the same request in-process.
 
-    .venv/bin/python benchmarks/serving_overhead.py [--requests 40] [--concurrency 8]
+    .venv/bin/python -m benchmarks.serving_overhead [--requests 40] [--concurrency 8] [--url URL]
 
 Prints a markdown table; numbers depend on the machine (the tiny model makes the model's own
 time small, so this isolates what the serving path adds).
@@ -13,6 +13,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import httpx
@@ -28,11 +29,12 @@ BODY = {"prompt": "a small benchmark request", "image_size": {"width": 256, "hei
         "num_inference_steps": 4, "seed": 1, "output_format": "jpeg"}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--concurrency", type=int, default=8)
-    args = parser.parse_args()
+    parser.add_argument("--url", help="a tiny-preset server already running there, instead of starting one")
+    args = parser.parse_args(argv)
     tiny_root = get_settings().tiny_dir
     model_dir, safety_dir = ensure_tiny_model(tiny_root)
 
@@ -45,7 +47,9 @@ def main() -> None:
         [encode_image(px, "jpeg") for px in result.images]
         in_process.append(time.perf_counter() - began)
 
-    with tempfile.TemporaryDirectory() as files, running_serve(tiny_env(Path(tiny_root), Path(files))) as base:
+    with tempfile.TemporaryDirectory() as files, (
+        nullcontext(args.url) if args.url else running_serve(tiny_env(Path(tiny_root), Path(files)))
+    ) as base:
         url = f"{base}/fal-ai/flux/srpo"
         with httpx.Client(timeout=120) as client:
             for _ in range(5):

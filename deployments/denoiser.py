@@ -1,15 +1,23 @@
-"""Denoiser stage: the SRPO transformer behind the step-level batching engine (one GPU per replica)."""
+"""Denoiser stage: the SRPO transformer behind the step-level batching engine (one GPU per replica).
+
+Each acceleration mode that can run here gets its module (models/acceleration.py) at start; on a
+GPU the compiled modes are compiled and warmed up for the configured shapes before the replica
+reports ready, so no request waits for a compile.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from pathlib import Path
+from typing import AsyncIterator, Sequence
 
 import torch
 from ray import serve
 
 from deployments.runtime import StageRuntime
+from models.acceleration import MODES, PLANS, Accelerator
 from models.denoise import denoise_step
 from models.engine import DenoiseEngine
 from models.loading import load_scheduler_config, load_transformer
@@ -20,7 +28,10 @@ from models.text_encoding import PromptEmbedding
 
 @dataclass
 class DenoiseUpdate:
-    """One item of `Denoiser.denoise`'s stream: a start update (step 0), one per step, the latents last."""
+    """One item of `Denoiser.denoise`'s stream: a start update (step 0), progress, the latents last.
+
+    Progress is coalesced: `step` is the number of steps done so far, not every step is sent.
+    """
 
     step: int
     total: int
@@ -28,31 +39,55 @@ class DenoiseUpdate:
     note: str | None = None  # something the request's logs should say (e.g. an acceleration fallback)
 
 
+# fal's size presets, (width, height): a compiled mode compiles for the first shapes it sees and
+# then for a dynamic batch and sequence length, so warming these up covers every later request.
+WARMUP_SIZES = ((1024, 768), (1024, 1024), (512, 512), (768, 1024), (576, 1024), (1024, 576))
+WARMUP_BATCH_SIZES = (1, 2, 4)
+PROGRESS_INTERVAL_S = 0.1
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
 class Denoiser:
-    def __init__(self, max_batch_tokens: int = 16384) -> None:
+    def __init__(
+        self,
+        max_batch_tokens: int = 16384,
+        acceleration_modes: Sequence[str] = MODES,
+        warmup_sizes: Sequence[tuple[int, int]] = WARMUP_SIZES,
+        warmup_batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES,
+        compile_cache_dir: str | None = None,
+    ) -> None:
         self.runtime = StageRuntime("denoiser")
         paths = self.runtime.paths
         self.scheduler_config = load_scheduler_config(paths.model_dir)
         self.transformer = load_transformer(
             paths.model_dir, self.runtime.device, self.runtime.dtype, paths.transformer_file
         )
-        self.engine = DenoiseEngine(self.transformer, max_batch_tokens)
-        self._warm_up()
+        cache_dir = Path(compile_cache_dir) if compile_cache_dir else None
+        self.accelerator = Accelerator(self.transformer, acceleration_modes, compile_cache_dir=cache_dir)
+        self.engine = DenoiseEngine(self.transformer, max_batch_tokens, modules=self.accelerator.modules)
+        self._warm_up(warmup_sizes, warmup_batch_sizes)
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int]) -> None:
+        """One forward per mode; every (size, batch size) for modes that compile."""
         dim = self.transformer.config.joint_attention_dim
         pooled_dim = self.transformer.config.pooled_projection_dim
-        request = GenerationRequest(prompt="", width=256, height=256, num_inference_steps=1, guidance_scale=4.5, seed=0)
-        state = start_state(
-            request,
-            self.scheduler_config,
-            torch.zeros(1, 512, dim),
-            torch.zeros(1, pooled_dim),
-            self.runtime.device,
-            self.runtime.dtype,
-        )
-        denoise_step(self.transformer, [state])
+        for mode, module in self.accelerator.modules.items():
+            compiled = PLANS[mode].compile
+            shapes = [(s, b) for s in sizes for b in batch_sizes] if compiled else [(s, 1) for s in sizes[:1]]
+            for (width, height), batch in shapes:
+                request = GenerationRequest(
+                    prompt="", width=width, height=height, num_inference_steps=1, guidance_scale=4.5, seed=0,
+                    num_images=batch,
+                )
+                state = start_state(
+                    request,
+                    self.scheduler_config,
+                    torch.zeros(1, 512, dim),
+                    torch.zeros(1, pooled_dim),
+                    self.runtime.device,
+                    self.runtime.dtype,
+                )
+                denoise_step(module, [state])
 
     async def denoise(
         self,
@@ -61,10 +96,13 @@ class Denoiser:
         image_start: tuple[torch.Tensor, torch.Tensor] | None = None,
         acceleration: str = "none",
     ) -> AsyncIterator[DenoiseUpdate]:
-        """Stream (call with `.options(stream=True)`): an update per step, the latents last.
+        """Stream (call with `.options(stream=True)`): progress updates, the latents last.
 
-        Cancelling the call removes the request from the engine before its next forward.
+        Cancelling the call removes the request from the engine before its next forward. An
+        `acceleration` this replica cannot run falls back (see models/acceleration.py); the first
+        update's note says so.
         """
+        mode, note = self.accelerator.resolve(acceleration)
         state = start_state(
             request,
             self.scheduler_config,
@@ -74,13 +112,20 @@ class Denoiser:
             self.runtime.dtype,
             image_start,
         )
-        yield DenoiseUpdate(0, state.schedule.num_steps)
+        state.cache = self.accelerator.step_cache(mode)
+        yield DenoiseUpdate(0, state.schedule.num_steps, note=note)
         updates: asyncio.Queue[DenoiseUpdate | None] = asyncio.Queue()
-        future = self.engine.submit(state, lambda done, total: updates.put_nowait(DenoiseUpdate(done, total)))
+        future = self.engine.submit(
+            state, lambda done, total: updates.put_nowait(DenoiseUpdate(done, total)), mode=mode
+        )
         future.add_done_callback(lambda _: updates.put_nowait(None))
         try:
+            sent = time.monotonic()
             while (update := await updates.get()) is not None:
-                if update.step < update.total:
+                # Each stream item costs a message through Ray: send progress at most every
+                # PROGRESS_INTERVAL_S; the receiver logs every step up to the one it is told.
+                if update.step < update.total and time.monotonic() - sent >= PROGRESS_INTERVAL_S:
+                    sent = time.monotonic()
                     yield update
             latents = future.result()
             yield DenoiseUpdate(state.step, state.schedule.num_steps, latents.cpu())
@@ -88,7 +133,11 @@ class Denoiser:
             future.cancel()
 
     def stats(self) -> dict:
-        return {"batch_sizes": dict(self.engine.batch_sizes), "active": self.engine.active}
+        return {
+            "batch_sizes": dict(self.engine.batch_sizes),
+            "active": self.engine.active,
+            "acceleration_modes": sorted(self.accelerator.modules),
+        }
 
     def ping(self) -> bool:
         return True

@@ -42,15 +42,16 @@ class GraphBackend:
         stream = denoiser.options(stream=True).denoise.remote(
             dataclasses.replace(request, image=None), embedding, image_start, acceleration
         )
-        latents = None
+        latents, logged = None, 0
         try:
             async for update in stream:
                 if update.note:
                     log(update.note)
                 if update.step == 0:
                     log(f"Denoising {request.num_images} image(s) at {request.width}x{request.height}")
-                else:
-                    log(f"step {update.step}/{update.total}")
+                for step in range(logged + 1, update.step + 1):  # updates are coalesced
+                    log(f"step {step}/{update.total}")
+                logged = max(logged, update.step)
                 latents = update.latents
         except asyncio.CancelledError:
             stream.cancel()  # leaving the iteration alone does not stop the replica's generator

@@ -2,7 +2,8 @@
 
 Samples of the same resolution share a forward even at different steps, guidance values and
 schedules: FluxTransformer2DModel takes a timestep and a guidance value per sample, and the
-Euler update is applied per sample afterwards.
+Euler update is applied per sample afterwards. A state may carry a step cache (models/step_cache.py);
+a forward with any such state runs the cache-aware forward, which keeps every sample's own decision.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from models.sampling import Schedule, euler_step, image_ids, pack
+from models.step_cache import StepCache, forward_with_step_cache
 
 
 @dataclass
@@ -27,6 +29,7 @@ class DenoiseState:
     height: int
     width: int
     step: int = 0
+    cache: StepCache | None = None  # set for accelerated modes that reuse blocks between steps
 
     @property
     def done(self) -> bool:
@@ -81,7 +84,7 @@ def denoise_step(transformer: FluxTransformer2DModel, states: list[DenoiseState]
     guidance = torch.cat(
         [torch.full((s.num_samples,), s.guidance_scale, dtype=torch.float32) for s in states]
     ).to(device)
-    velocity = transformer(
+    inputs = dict(
         hidden_states=latents,
         timestep=t.to(dtype) / 1000,  # the pipeline casts timesteps to the latents' dtype first
         guidance=guidance if transformer.config.guidance_embeds else None,
@@ -89,8 +92,13 @@ def denoise_step(transformer: FluxTransformer2DModel, states: list[DenoiseState]
         encoder_hidden_states=torch.cat([s.prompt_embeds for s in states]),
         txt_ids=torch.zeros(states[0].prompt_embeds.shape[1], 3, device=device, dtype=dtype),
         img_ids=image_ids(height, width, device, dtype),
-        return_dict=False,
-    )[0]
+    )
+    if any(s.cache is not None for s in states):
+        velocity = forward_with_step_cache(
+            transformer, [s.cache for s in states], [s.num_samples for s in states], **inputs
+        )
+    else:
+        velocity = transformer(**inputs, return_dict=False)[0]
     updated = euler_step(latents, velocity, sigma, sigma_next)
     for s, new in zip(states, updated.split([s.num_samples for s in states])):
         s.latents = new

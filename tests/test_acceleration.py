@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from deployments.denoiser import Denoiser
-from models.acceleration import PLANS, Accelerator, ModePlan, _copy_sharing_modulation, _is_fp8_linear, \
-    build_module, unavailable_reason
+from models.acceleration import (
+    PLANS, Accelerator, ModePlan, _copy_sharing_modulation, _is_fp8_linear, build_module, unavailable_reason,
+)
 from models.denoise import DenoiseState, denoise_step
 from models.loading import load_scheduler_config, load_transformer
 from models.pipeline import start_state
@@ -97,7 +98,8 @@ def test_fp8_copy_keeps_modulation_shared_and_selects_the_block_linears(transfor
 def test_denoiser_runs_none_and_notes_the_fallback():
     denoiser = Denoiser.func_or_class(warmup_sizes=[(128, 128)])
     encoder = PromptEncoder(denoiser.runtime.paths.model_dir, CPU, torch.float32)
-    request = GenerationRequest(prompt="a fox", width=128, height=128, num_inference_steps=3, guidance_scale=3.5, seed=4)
+    request = GenerationRequest(prompt="a fox", width=128, height=128, num_inference_steps=3, guidance_scale=3.5,
+                                seed=4)
     embedding = encoder.encode([request.prompt])[0]
 
     async def collect(acceleration: str):

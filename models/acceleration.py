@@ -1,0 +1,183 @@
+"""fal's `acceleration` field: what each mode runs, and the modules built for it (plain PyTorch, no Ray).
+
+- `none`: the transformer as loaded, eager. Exact: the numbers diffusers' FluxPipeline gives.
+- `regular`: the same weights with every transformer block compiled (regional torch.compile, one
+  graph reused by all 57 blocks), plus the per-request step cache at a conservative threshold.
+- `high`: a copy of the blocks with fp8 matmuls (torchao, dynamic per-row scales for activations
+  and weights) on their Linear layers, compiled, plus the step cache at an aggressive threshold.
+  Embedders, the blocks' modulation (AdaLN) layers and the final norm/projection stay bf16; the
+  modulation layers are shared with the bf16 blocks rather than copied.
+
+Compiled and fp8 modules need a CUDA GPU (fp8 also torchao and compute capability 8.9+). A mode
+that cannot run here falls back to the next cheaper one (high -> regular -> none) and the request
+is told so. Every module shares the loaded transformer's embedders and final layers; a mode's
+module differs from the others, so the engine never mixes modes in one forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from diffusers import FluxTransformer2DModel
+from torch import nn
+
+from models.step_cache import StepCache
+
+logger = logging.getLogger(__name__)
+
+MODES = ("none", "regular", "high")
+FALLBACK = {"high": "regular", "regular": "none"}
+DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "srpo-serve" / "inductor"
+# Every (batch size, resolution) a compiled block sees may cost a recompile until dynamo marks the
+# changed dimension dynamic; the default limit (8) would silently drop blocks back to eager.
+RECOMPILE_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class ModePlan:
+    compile: bool
+    fp8: bool
+    cache_threshold: float | None  # step cache threshold; None = no step cache
+
+
+PLANS = {
+    "none": ModePlan(compile=False, fp8=False, cache_threshold=None),
+    # Provisional thresholds (random weights cannot tune them): 0.08 is the FLUX default of
+    # ParaAttention's First Block Cache (~2x fewer full steps per diffusers' guide); high doubles it.
+    "regular": ModePlan(compile=True, fp8=False, cache_threshold=0.08),
+    "high": ModePlan(compile=True, fp8=True, cache_threshold=0.16),
+}
+
+
+def unavailable_reason(plan: ModePlan, device: torch.device) -> str | None:
+    """Why a mode cannot run on `device`; None when it can."""
+    if not (plan.compile or plan.fp8):
+        return None
+    if device.type != "cuda":
+        return "needs a CUDA GPU with torchao" if plan.fp8 else "needs a CUDA GPU"
+    if plan.fp8:
+        if importlib.util.find_spec("torchao") is None:
+            return "needs torchao, which is not installed"
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            return "needs fp8 matmuls (compute capability 8.9+)"
+    return None
+
+
+def _is_fp8_linear(module: nn.Module, fqn: str) -> bool:
+    # Inside a block, the AdaLN modulation lives under norm*; it sets every scale and gate, so it stays bf16.
+    return isinstance(module, nn.Linear) and not fqn.split(".")[0].startswith("norm")
+
+
+def _copy_sharing_modulation(block: nn.Module) -> nn.Module:
+    """A deep copy of a block whose norm* children (the modulation) are the original's, not copies."""
+    shared = {id(m): m for name, m in block.named_children() if name.startswith("norm")}
+    return copy.deepcopy(block, shared)  # deepcopy returns memo entries as they are
+
+
+def _fp8_blocks(blocks: nn.ModuleList) -> nn.ModuleList:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    copies = []
+    for block in blocks:  # one block at a time: peak memory grows by one bf16 block, not the whole stack
+        clone = _copy_sharing_modulation(block)
+        quantize_(clone, config, filter_fn=_is_fp8_linear)
+        copies.append(clone)
+    return nn.ModuleList(copies)
+
+
+def _compiled(blocks: nn.ModuleList, options: dict[str, Any]) -> nn.ModuleList:
+    # torch.compile wraps each block without changing it, so the eager module stays exact for `none`.
+    return nn.ModuleList(torch.compile(block, **options) for block in blocks)
+
+
+def with_blocks(
+    transformer: FluxTransformer2DModel, double: nn.ModuleList, single: nn.ModuleList
+) -> FluxTransformer2DModel:
+    """A shallow twin of `transformer` running other block lists; everything else is shared."""
+    twin = copy.copy(transformer)
+    twin._modules = dict(transformer._modules)  # copy.copy would share the module dict itself
+    twin._modules["transformer_blocks"] = double
+    twin._modules["single_transformer_blocks"] = single
+    return twin
+
+
+def build_module(
+    transformer: FluxTransformer2DModel, plan: ModePlan, compile_options: dict[str, Any] | None = None
+) -> FluxTransformer2DModel:
+    """The module a mode runs (the transformer itself for plain modes)."""
+    if not (plan.compile or plan.fp8):
+        return transformer
+    double, single = transformer.transformer_blocks, transformer.single_transformer_blocks
+    if plan.fp8:
+        double, single = _fp8_blocks(double), _fp8_blocks(single)
+    if plan.compile:
+        options = {"fullgraph": True, **(compile_options or {})}
+        double, single = _compiled(double, options), _compiled(single, options)
+    return with_blocks(transformer, double, single)
+
+
+def prepare_compile(cache_dir: Path | None = None) -> Path:
+    """Process-wide compile settings: inductor's on-disk cache (FX graphs, AOT autograd, Triton
+    kernels) in a persistent folder, and a recompile limit that fits the warmed-up shapes.
+
+    An explicit TORCHINDUCTOR_CACHE_DIR wins. With the folder on a volume, a restarted replica
+    loads compiled kernels instead of compiling again (minutes become seconds).
+    """
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir or DEFAULT_COMPILE_CACHE))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+class Accelerator:
+    """The modules of the acceleration modes on one transformer, built once per replica."""
+
+    def __init__(
+        self,
+        transformer: FluxTransformer2DModel,
+        modes: Iterable[str] = MODES,
+        compile_options: dict[str, Any] | None = None,
+        compile_cache_dir: Path | None = None,
+    ) -> None:
+        self.device = transformer.device
+        enabled = set(modes) | {"none"}
+        if unknown := enabled - set(MODES):
+            raise ValueError(f"unknown acceleration modes {sorted(unknown)}; known: {MODES}")
+        self.modules: dict[str, FluxTransformer2DModel] = {}
+        self.unavailable: dict[str, str] = {}
+        for mode in MODES:
+            plan = PLANS[mode]
+            reason = unavailable_reason(plan, self.device) if mode in enabled else "disabled in this deployment"
+            if reason is not None:
+                self.unavailable[mode] = reason
+                continue
+            if plan.compile:
+                prepare_compile(compile_cache_dir)
+            self.modules[mode] = build_module(transformer, plan, compile_options)
+        for mode, reason in self.unavailable.items():
+            logger.info("acceleration %r unavailable on %s: %s", mode, self.device.type, reason)
+
+    def resolve(self, mode: str) -> tuple[str, str | None]:
+        """(the mode that runs for a request asking `mode`, a note for its logs when they differ)."""
+        if mode not in PLANS:
+            raise ValueError(f"unknown acceleration mode {mode!r}; known: {MODES}")
+        ran = mode
+        while ran not in self.modules:
+            ran = FALLBACK[ran]
+        if ran == mode:
+            return mode, None
+        return ran, (
+            f"acceleration '{mode}' is not available on {self.device.type} ({self.unavailable[mode]}); ran '{ran}'"
+        )
+
+    def step_cache(self, mode: str) -> StepCache | None:
+        """A fresh per-request step cache for a mode that runs (None when the mode has none)."""
+        threshold = PLANS[mode].cache_threshold
+        return None if threshold is None else StepCache(threshold)
