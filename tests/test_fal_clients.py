@@ -93,6 +93,7 @@ def test_run_both_endpoints(fal):
 
 def test_subscribe_reports_queue_position_step_logs_and_completion(fal, http):
     blocker = fal.submit(APP, arguments=slow(steps=20, side=768))
+    wait_status(http, blocker.request_id, lambda b: b["status"] != "IN_QUEUE")  # it holds the one slot
     updates = []
     # Big enough that it is IN_PROGRESS across several of the client's 0.1 s polls.
     result = fal.subscribe(APP, arguments=small(num_inference_steps=8, image_size="square_hd"), with_logs=True,
@@ -128,9 +129,10 @@ def test_submit_then_status_result_and_cancel_by_id(fal):
     assert err.value.status_code == 404
 
 
-def test_cancelling_a_queued_request_does_no_model_work(fal):
+def test_cancelling_a_queued_request_does_no_model_work(fal, http):
     before = denoised_samples()
-    blocker = fal.submit(APP, arguments=slow(steps=20, side=512))
+    blocker = fal.submit(APP, arguments=slow(steps=30, side=768))  # busy for about a second
+    wait_status(http, blocker.request_id, lambda b: b["status"] != "IN_QUEUE")
     victim = fal.submit(APP, arguments=small(num_inference_steps=8))
     assert type(fal.status(APP, victim.request_id)).__name__ == "Queued"
     fal.cancel(APP, victim.request_id)
@@ -140,7 +142,7 @@ def test_cancelling_a_queued_request_does_no_model_work(fal):
         fal.result(APP, victim.request_id)
     assert err.value.status_code == 400 and "cancelled" in str(err.value)
     fal.result(APP, blocker.request_id)
-    assert denoised_samples() - before == 20  # the blocker's steps only
+    assert denoised_samples() - before == 30  # the blocker's steps only
 
 
 def test_cancelling_a_running_request_stops_it_at_the_next_step(fal, http):
