@@ -1,4 +1,5 @@
-"""Serving overhead on CPU with the tiny model: HTTP through the Serve graph vs the same request in-process.
+"""Serving overhead on CPU with the tiny model: HTTP through the Serve graph (synchronous route and
+the queue: submit, status stream until COMPLETED, result) vs the same request in-process.
 
     .venv/bin/python -m benchmarks.serving_overhead [--requests 40] [--concurrency 8] [--url URL]
 
@@ -27,6 +28,18 @@ from settings import get_settings
 
 BODY = {"prompt": "a small benchmark request", "image_size": {"width": 256, "height": 256},
         "num_inference_steps": 4, "seed": 1, "output_format": "jpeg"}
+
+
+def queued_seconds(client: httpx.Client, base: str) -> float:
+    """Submit, follow the SSE status stream to COMPLETED, read the result: what a client waits."""
+    began = time.perf_counter()
+    submitted = client.post(f"{base}/queue/fal-ai/flux/srpo", json=BODY).json()
+    with client.stream("GET", f"{submitted['status_url']}/stream") as events:
+        for line in events.iter_lines():
+            if line.startswith("data: ") and '"COMPLETED"' in line:
+                break
+    assert client.get(submitted["response_url"]).status_code == 200
+    return time.perf_counter() - began
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                 began = time.perf_counter()
                 assert client.post(url, json=BODY).status_code == 200
                 sequential.append(time.perf_counter() - began)
+            queued = [queued_seconds(client, base) for _ in range(args.requests)]
             total = args.requests * 2
             began = time.perf_counter()
             with ThreadPoolExecutor(args.concurrency) as pool:
@@ -66,11 +80,13 @@ def main(argv: list[str] | None = None) -> None:
             elapsed = time.perf_counter() - began
             assert all(code == 200 for code in codes)
 
-    med_in, med_http = statistics.median(in_process), statistics.median(sequential)
+    med_in, med_http, med_queue = (statistics.median(t) for t in (in_process, sequential, queued))
     print("| measure | value |\n|---|---|")
     print(f"| in-process median (generate + JPEG encode) | {med_in * 1000:.1f} ms |")
     print(f"| HTTP through the Serve graph, median | {med_http * 1000:.1f} ms |")
     print(f"| serving overhead (HTTP - in-process) | {(med_http - med_in) * 1000:.1f} ms |")
+    print(f"| queue (submit, status stream, result), median | {med_queue * 1000:.1f} ms |")
+    print(f"| queue overhead over the synchronous route | {(med_queue - med_http) * 1000:.1f} ms |")
     print(f"| throughput at {args.concurrency} concurrent clients | {total / elapsed:.1f} req/s ({total} requests) |")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from typing import AsyncIterator
@@ -107,7 +106,7 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
                     sent_logs, last = sent_logs + len(new_logs), key
                 if record.status == "COMPLETED":
                     return
-                await asyncio.sleep(STREAM_POLL_S)
+                await worker.wait_for_change(STREAM_POLL_S)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={REQUEST_ID_HEADER: request_id, "Cache-Control": "no-cache"})

@@ -40,6 +40,7 @@ class QueueWorker:
         self._running: dict[str, asyncio.Task] = {}
         self._background: set[asyncio.Task] = set()  # webhook deliveries
         self._wake = asyncio.Event()
+        self._change = asyncio.Event()  # replaced on every change; waiters hold the old one
         self._loop_task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -58,6 +59,18 @@ class QueueWorker:
     def wake(self) -> None:
         self._wake.set()
 
+    async def wait_for_change(self, timeout_s: float) -> None:
+        """Return when this replica changed a record (or after `timeout_s`: other replicas' changes
+        are only seen by polling the store)."""
+        try:
+            await asyncio.wait_for(self._change.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+    def _changed(self) -> None:
+        self._change.set()
+        self._change = asyncio.Event()
+
     async def _loop(self) -> None:
         next_sweep = 0.0
         while True:
@@ -71,6 +84,7 @@ class QueueWorker:
                     record = await self.store.claim(self.worker_id, self.settings.queue_lease_s)
                     if record is None:
                         break
+                    self._changed()
                     task = asyncio.get_running_loop().create_task(self._execute(record))
                     self._running[record.id] = task
                     task.add_done_callback(lambda _, rid=record.id: self._finished(rid))
@@ -124,6 +138,7 @@ class QueueWorker:
         await asyncio.sleep(0)  # let thread-posted log entries land
         await self._flush(record.id, pending_logs)
         await self.store.complete(record.id, completion)
+        self._changed()
         self.notify(record, completion)
 
     async def _completion(self, run: asyncio.Task, cancelled_by_user: bool, seconds: float) -> Completion:
@@ -147,6 +162,7 @@ class QueueWorker:
             entries = pending_logs[:]
             del pending_logs[: len(entries)]
             await self.store.append_logs(request_id, entries)
+            self._changed()
 
     def notify(self, record: RequestRecord, completion: Completion) -> None:
         """Send the completion webhook in the background, if the request asked for one."""
