@@ -62,9 +62,9 @@ def running_serve(
         serve.start(http_options=http_options)
         serve.run(build_app(args or {}), name=APP_NAME, route_prefix="/")
         base = f"{scheme}://127.0.0.1:{port}"
+        verify = ssl.create_default_context(cafile=str(tls[2])) if tls else True
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            verify = ssl.create_default_context(cafile=str(tls[2])) if tls else True
             if httpx.get(f"{base}/health", timeout=5, verify=verify).status_code == 200:
                 break
             time.sleep(0.5)

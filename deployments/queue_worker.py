@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException
 
@@ -20,6 +20,9 @@ from api.schemas import ImageToImageInput, TextToImageInput
 from deployments.request_store import CANCELLED, Completion, RequestRecord, RequestStore
 from deployments.webhooks import deliver_webhook
 from settings import Settings
+
+if TYPE_CHECKING:  # http_app builds the worker: importing it at run time would be circular
+    from deployments.http_app import SRPOService
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +35,9 @@ def parse_input(endpoint: str, data: dict[str, Any]) -> TextToImageInput | Image
 
 
 class QueueWorker:
-    def __init__(self, store: RequestStore, service: Any, settings: Settings) -> None:
+    def __init__(self, store: RequestStore, service: SRPOService, settings: Settings) -> None:
         self.store = store
-        self.service = service  # SRPOService
+        self.service = service
         self.settings = settings
         self.worker_id = uuid.uuid4().hex
         self._running: dict[str, asyncio.Task] = {}

@@ -150,10 +150,12 @@ class SqliteRequestStore(RequestStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
 
-    async def _run(self, fn, *args):
+    async def _run(self, fn, *args, write: bool = True):
         def locked():
             with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")  # take the write lock up front: no lost updates
+                # Writers take the database's write lock up front (no lost updates between
+                # replicas); readers only need a consistent snapshot, which WAL gives without it.
+                self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 try:
                     out = fn(self._db, *args)
                 except BaseException:
@@ -198,7 +200,7 @@ class SqliteRequestStore(RequestStore):
                 record.error, record.error_type, record.inference_time = done.error, done.error_type, done.inference_time
             return record
 
-        return await self._run(op)
+        return await self._run(op, write=False)
 
     async def claim(self, worker: str, lease_s: float) -> RequestRecord | None:
         def op(db: sqlite3.Connection) -> str | None:
@@ -262,7 +264,7 @@ class SqliteRequestStore(RequestStore):
             row = db.execute("SELECT cancel FROM requests WHERE id=?", (request_id,)).fetchone()
             return bool(row and row[0])
 
-        return await self._run(op)
+        return await self._run(op, write=False)
 
     async def requeue_expired(self) -> list[str]:
         def op(db: sqlite3.Connection) -> list[str]:
@@ -286,7 +288,9 @@ class SqliteRequestStore(RequestStore):
         await self._run(op)
 
     async def pending(self) -> int:
-        return await self._run(lambda db: db.execute("SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE'").fetchone()[0])
+        return await self._run(
+            lambda db: db.execute("SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE'").fetchone()[0], write=False
+        )
 
     async def close(self) -> None:
         with self._lock:
