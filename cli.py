@@ -11,14 +11,15 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from api.images import data_uri, decode_image, encode_image
-from api.schemas import ImageToImageInput, TextToImageInput, to_generation_request
+from api.schemas import ImageToImageInput, TextToImageInput
+from server.images import data_uri, decode_image, encode_image
 from settings import get_settings
 
 
 def _generate(args: argparse.Namespace) -> int:
     from models.loading import resolve_model_paths
     from models.pipeline import SRPOPipeline
+    from server.service import to_generation_request
 
     settings = get_settings()
     fields = {
@@ -43,7 +44,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     source = decode_image(image_bytes, settings.image_max_source_pixels) if args.image else None
     seed = body.resolved_seed()
-    paths = resolve_model_paths(settings)
+    paths = resolve_model_paths(settings.model_dir, settings.safety_dir, settings.transformer_file, settings.tiny_dir)
     pipe = SRPOPipeline(
         paths.model_dir,
         paths.safety_dir,
@@ -51,7 +52,7 @@ def _generate(args: argparse.Namespace) -> int:
         settings.resolved_dtype(),
         paths.transformer_file,
     )
-    result = pipe.generate(to_generation_request(body, seed, source), body.enable_safety_checker)
+    result = pipe.generate(to_generation_request(body, seed, source, settings.max_pixels), body.enable_safety_checker)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -10,6 +10,8 @@ import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from api.schemas import DEFAULT_MAX_PIXELS
+
 DTypeName = Literal["float32", "bfloat16", "float16"]
 
 
@@ -31,7 +33,7 @@ class Settings(BaseSettings):
     dtype: DTypeName | None = Field(None, description="Serving dtype; default bfloat16 on GPU, float32 on CPU.")
 
     # --- request limits ---
-    max_pixels: int = Field(1536 * 1536, description="Largest width*height accepted for one image.")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, description="Largest width*height accepted for one image.")
     image_fetch_timeout_s: float = 10.0
     image_fetch_max_bytes: int = 25 * 1024 * 1024
     image_max_source_pixels: int = 50_000_000

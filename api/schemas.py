@@ -2,26 +2,22 @@
 
 Sizes: the model works on multiples of 16 pixels, so each side of a requested size is rounded
 DOWN to a multiple of 16 (at least 16), as diffusers' Flux pipelines do; the response reports the
-size produced. An image may have at most `Settings.max_pixels` pixels (1536x1536 by default):
-larger custom sizes are answered with 422, larger image-to-image inputs are scaled down to fit.
+size produced. Each deployment caps the pixels of one image (`SRPO_MAX_PIXELS`); that limit is
+checked by the service (server/service.py), not here, so these shapes hold no configuration.
 """
 
 from __future__ import annotations
 
-import math
 import secrets
 from typing import Annotated, Literal
 
-from PIL.Image import Image as PILImage
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from models.request import GenerationRequest
-
-from settings import get_settings
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 MIN_SEED = -(2**63)
 RANDOM_SEED_BOUND = 2**53  # random seeds stay exact in JavaScript numbers
+REQUEST_ID_HEADER = "x-fal-request-id"
+DEFAULT_MAX_PIXELS = 1536 * 1536  # per image, unless a deployment sets another cap
 
 ImageSizePreset = Literal[
     "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
@@ -41,12 +37,6 @@ Acceleration = Literal["none", "regular", "high"]
 def round_side(pixels: int) -> int:
     """A side length rounded down to the model's multiple of 16, never below 16."""
     return max(16, pixels // 16 * 16)
-
-
-def fit_to_pixel_cap(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """Scale (width, height) down to at most max_pixels keeping the aspect ratio, then round to 16."""
-    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
-    return round_side(int(width * scale)), round_side(int(height * scale))
 
 
 class ImageSize(BaseModel):
@@ -76,16 +66,6 @@ class _CommonInput(BaseModel):
 class TextToImageInput(_CommonInput):
     image_size: ImageSizePreset | ImageSize = Field("landscape_4_3", description="A preset or {width, height}.")
     num_inference_steps: int = Field(28, ge=1, le=50)
-
-    @field_validator("image_size")
-    @classmethod
-    def _within_pixel_cap(cls, value: ImageSizePreset | ImageSize) -> ImageSizePreset | ImageSize:
-        if isinstance(value, ImageSize):
-            w, h = round_side(value.width), round_side(value.height)
-            cap = get_settings().max_pixels
-            if w * h > cap:
-                raise ValueError(f"{w}x{h} is {w * h} pixels; this deployment allows at most {cap} per image")
-        return value
 
     def output_size(self) -> tuple[int, int]:
         """(width, height) of the images this request produces."""
@@ -123,27 +103,3 @@ class Output(BaseModel):
     has_nsfw_concepts: list[bool]
     prompt: str
 
-
-def to_generation_request(
-    body: TextToImageInput | ImageToImageInput, seed: int, image: PILImage | None = None
-) -> GenerationRequest:
-    """The model-level request for a validated body (image-to-image needs its decoded source)."""
-    if isinstance(body, ImageToImageInput):
-        if image is None:
-            raise ValueError("image-to-image needs its source image")
-        width, height = fit_to_pixel_cap(image.width, image.height, get_settings().max_pixels)
-        strength = body.strength
-    else:
-        width, height = body.output_size()
-        image, strength = None, 1.0
-    return GenerationRequest(
-        prompt=body.prompt,
-        width=width,
-        height=height,
-        num_inference_steps=body.num_inference_steps,
-        guidance_scale=body.guidance_scale,
-        seed=seed,
-        num_images=body.num_images,
-        image=image,
-        strength=strength,
-    )

@@ -25,9 +25,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from benchmarks.random_model import FLUX_DEV_TRANSFORMER, random_module
-from models.denoise import DenoiseState
+from models.denoise import DenoiseState, start_state
 from models.loading import load_transformer
-from models.pipeline import start_state
 from models.request import GenerationRequest
 from models.tiny import FLUX_DEV_SCHEDULER, ensure_tiny_model
 from settings import get_settings

@@ -28,12 +28,12 @@ import httpx
 import torch
 from diffusers import FluxPipeline
 
-from api.images import encode_image
 from benchmarks.common import device_and_dtype, model_args, parse_list, parse_size, tiny_model_dir, write_result
 from benchmarks.random_model import write_random_folder
-from deployments.local_cluster import running_serve, tiny_env
 from models.loading import load_transformer
+from server.images import encode_image
 from settings import get_settings
+from tests.harness import running_serve, tiny_env
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 TARGETS_S = {"none": 2.4, "regular": 1.4, "high": 0.8}  # issue 5, H100, 1024x768, 28 steps

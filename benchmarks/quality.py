@@ -24,12 +24,18 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
-    bench_transformer, device_and_dtype, model_args, model_dir, parse_list, parse_size, tiny_model_dir, write_result,
+    bench_transformer,
+    device_and_dtype,
+    model_args,
+    model_dir,
+    parse_list,
+    parse_size,
+    tiny_model_dir,
+    write_result,
 )
 from benchmarks.random_model import write_random_folder
 from models.acceleration import PLANS, Accelerator
-from models.denoise import DenoiseState, denoise_step
-from models.pipeline import start_state
+from models.denoise import DenoiseState, denoise_step, start_state
 from models.request import GenerationRequest
 from models.step_cache import StepCache
 from models.text_encoding import PromptEncoder

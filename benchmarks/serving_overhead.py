@@ -19,12 +19,13 @@ from pathlib import Path
 
 import httpx
 
-from api.images import encode_image
-from api.schemas import TextToImageInput, to_generation_request
-from deployments.local_cluster import running_serve, tiny_env
+from api.schemas import TextToImageInput
 from models.pipeline import SRPOPipeline
 from models.tiny import ensure_tiny_model
+from server.images import encode_image
+from server.service import to_generation_request
 from settings import get_settings
+from tests.harness import running_serve, tiny_env
 
 BODY = {"prompt": "a small benchmark request", "image_size": {"width": 256, "height": 256},
         "num_inference_steps": 4, "seed": 1, "output_format": "jpeg"}

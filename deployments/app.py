@@ -8,10 +8,10 @@ from pydantic import BaseModel, Field
 from ray.serve import Application
 
 from deployments.decoder import Decoder
-from deployments.denoiser import WARMUP_BATCH_SIZES, WARMUP_SIZES, Denoiser
+from deployments.denoiser import Denoiser
 from deployments.ingress import Ingress
 from deployments.text_encoder import TextEncoder
-from models.acceleration import MODES
+from models.acceleration import MODES, WARMUP_BATCH_SIZES, WARMUP_SIZES
 
 
 class AppArgs(BaseModel):

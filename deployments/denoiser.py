@@ -2,7 +2,7 @@
 
 Each acceleration mode that can run here gets its module (models/acceleration.py) at start; on a
 GPU the compiled modes are compiled and warmed up for the configured shapes before the replica
-reports ready, so no request waits for a compile.
+reports ready, so no request waits for a compile. The batching itself is models/engine.py.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import torch
 from ray import serve
 
 from deployments.runtime import StageRuntime
-from models.acceleration import MODES, PLANS, Accelerator
-from models.denoise import denoise_step
+from models.acceleration import MODES, WARMUP_BATCH_SIZES, WARMUP_SIZES, Accelerator
+from models.denoise import start_state
 from models.engine import DenoiseEngine
 from models.loading import load_scheduler_config, load_transformer
-from models.pipeline import start_state
 from models.request import GenerationRequest
 from models.text_encoding import PromptEmbedding
 
@@ -39,10 +38,6 @@ class DenoiseUpdate:
     note: str | None = None  # something the request's logs should say (e.g. an acceleration fallback)
 
 
-# fal's size presets, (width, height): a compiled mode compiles for the first shapes it sees and
-# then for a dynamic batch and sequence length, so warming these up covers every later request.
-WARMUP_SIZES = ((1024, 768), (1024, 1024), (512, 512), (768, 1024), (576, 1024), (1024, 576))
-WARMUP_BATCH_SIZES = (1, 2, 4)
 PROGRESS_INTERVAL_S = 0.1
 
 
@@ -65,29 +60,7 @@ class Denoiser:
         cache_dir = Path(compile_cache_dir) if compile_cache_dir else None
         self.accelerator = Accelerator(self.transformer, acceleration_modes, compile_cache_dir=cache_dir)
         self.engine = DenoiseEngine(self.transformer, max_batch_tokens, modules=self.accelerator.modules)
-        self._warm_up(warmup_sizes, warmup_batch_sizes)
-
-    def _warm_up(self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int]) -> None:
-        """One forward per mode; every (size, batch size) for modes that compile."""
-        dim = self.transformer.config.joint_attention_dim
-        pooled_dim = self.transformer.config.pooled_projection_dim
-        for mode, module in self.accelerator.modules.items():
-            compiled = PLANS[mode].compile
-            shapes = [(s, b) for s in sizes for b in batch_sizes] if compiled else [(s, 1) for s in sizes[:1]]
-            for (width, height), batch in shapes:
-                request = GenerationRequest(
-                    prompt="", width=width, height=height, num_inference_steps=1, guidance_scale=4.5, seed=0,
-                    num_images=batch,
-                )
-                state = start_state(
-                    request,
-                    self.scheduler_config,
-                    torch.zeros(1, 512, dim),
-                    torch.zeros(1, pooled_dim),
-                    self.runtime.device,
-                    self.runtime.dtype,
-                )
-                denoise_step(module, [state])
+        self.accelerator.warm_up(self.scheduler_config, self.runtime.dtype, warmup_sizes, warmup_batch_sizes)
 
     async def denoise(
         self,

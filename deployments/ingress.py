@@ -9,10 +9,10 @@ import time
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from api.schemas import ImageToImageInput, Output, TextToImageInput
-from deployments.http_app import LogSink, SRPOService, build_app, no_log
-from models.pipeline import GenerationResult
-from models.request import GenerationRequest
+from api.schemas import Output
+from models.request import GenerationRequest, GenerationResult
+from server.app import build_app
+from server.service import FalInput, LogSink, SRPOService, no_log
 from settings import get_settings
 
 HEALTH_TIMEOUT_S = 2.0
@@ -83,7 +83,7 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         return build_app(self.service, self.backend.health)
 
-    async def generate(self, body: TextToImageInput | ImageToImageInput) -> Output:
+    async def generate(self, body: FalInput) -> Output:
         """The handle API: `await serve.get_app_handle("srpo").generate.remote(TextToImageInput(...))`.
 
         File URLs start with `SRPO_PUBLIC_BASE_URL` (relative `/files/...` when unset); pass

@@ -20,7 +20,8 @@ class StageRuntime:
     def __init__(self, stage: str) -> None:
         self.stage = stage
         self.settings: Settings = get_settings()
-        self.paths: ModelPaths = resolve_model_paths(self.settings)
+        s = self.settings
+        self.paths: ModelPaths = resolve_model_paths(s.model_dir, s.safety_dir, s.transformer_file, s.tiny_dir)
         self.device: torch.device = self.settings.resolved_device()
         self.dtype: torch.dtype = self.settings.resolved_dtype()
         self.batch_sizes: Counter[int] = Counter()

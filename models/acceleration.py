@@ -22,12 +22,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from diffusers import FluxTransformer2DModel
 from torch import nn
 
+from models.denoise import denoise_step, start_state
+from models.request import GenerationRequest
 from models.step_cache import StepCache
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,10 @@ DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "srpo-serve" / "inductor"
 # Every (batch size, resolution) a compiled block sees may cost a recompile until dynamo marks the
 # changed dimension dynamic; the default limit (8) would silently drop blocks back to eager.
 RECOMPILE_LIMIT = 64
+# fal's size presets, (width, height): a compiled mode compiles for the first shapes it sees and
+# then for a dynamic batch and sequence length, so warming these up covers every later request.
+WARMUP_SIZES = ((1024, 768), (1024, 1024), (512, 512), (768, 1024), (576, 1024), (1024, 576))
+WARMUP_BATCH_SIZES = (1, 2, 4)
 
 
 @dataclass(frozen=True)
@@ -181,3 +187,24 @@ class Accelerator:
         """A fresh per-request step cache for a mode that runs (None when the mode has none)."""
         threshold = PLANS[mode].cache_threshold
         return None if threshold is None else StepCache(threshold)
+
+    def warm_up(
+        self,
+        scheduler_config: dict,
+        dtype: torch.dtype,
+        sizes: Sequence[tuple[int, int]] = WARMUP_SIZES,
+        batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES,
+    ) -> None:
+        """One forward per mode; every (size, batch size) for modes that compile, so that no request
+        waits for a compile."""
+        for mode, module in self.modules.items():
+            config = module.config
+            shapes = [(s, b) for s in sizes for b in batch_sizes] if PLANS[mode].compile else [(s, 1) for s in sizes[:1]]
+            for (width, height), batch in shapes:
+                request = GenerationRequest(
+                    prompt="", width=width, height=height, num_inference_steps=1, guidance_scale=4.5, seed=0,
+                    num_images=batch,
+                )
+                prompt = torch.zeros(1, 512, config.joint_attention_dim)
+                pooled = torch.zeros(1, config.pooled_projection_dim)
+                denoise_step(module, [start_state(request, scheduler_config, prompt, pooled, self.device, dtype)])

@@ -13,7 +13,16 @@ from dataclasses import dataclass
 import torch
 from diffusers import FluxTransformer2DModel
 
-from models.sampling import Schedule, euler_step, image_ids, pack
+from models.request import GenerationRequest
+from models.sampling import (
+    Schedule,
+    euler_step,
+    image_ids,
+    initial_noise,
+    make_schedule,
+    noised_image_latents,
+    pack,
+)
 from models.step_cache import StepCache, forward_with_step_cache
 
 
@@ -65,6 +74,36 @@ class DenoiseState:
             height=height,
             width=width,
         )
+
+
+def start_state(
+    request: GenerationRequest,
+    scheduler_config: dict,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    image_latents_and_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> DenoiseState:
+    """The first denoising state of a request: its schedule and its start latents."""
+    schedule = make_schedule(
+        scheduler_config, request.num_inference_steps, request.height, request.width, request.strength
+    )
+    if image_latents_and_noise is None:
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        latents = initial_noise(generator, request.num_images, request.height, request.width, device, dtype)
+    else:
+        image_latents, noise = image_latents_and_noise
+        latents = noised_image_latents(image_latents.to(device, dtype), noise.to(device, dtype), schedule)
+    return DenoiseState.start(
+        latents,
+        prompt_embeds.to(device, dtype),
+        pooled.to(device, dtype),
+        request.guidance_scale,
+        schedule,
+        request.height,
+        request.width,
+    )
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from models.tiny import ensure_tiny_model
 from models.transformer_file import load_transformer_file
-from settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -44,19 +43,21 @@ class ModelPaths:
     is_tiny: bool
 
 
-def resolve_model_paths(settings: Settings) -> ModelPaths:
-    """Where the weights come from: the configured folder, or the tiny preset when none is set."""
-    if settings.model_dir is None:
-        model_dir, safety_dir = ensure_tiny_model(settings.tiny_dir)
+def resolve_model_paths(
+    model_dir: Path | None, safety_dir: Path | None, transformer_file: Path | None, tiny_dir: Path
+) -> ModelPaths:
+    """Where the weights come from: the configured folder, or the tiny preset (under `tiny_dir`) when none is set."""
+    if model_dir is None:
+        tiny_model_dir, tiny_safety_dir = ensure_tiny_model(tiny_dir)
         logger.warning(
             "SRPO_MODEL_DIR is not set: serving the TINY RANDOM preset from %s. Images will be noise. "
             "Set SRPO_MODEL_DIR to a FLUX.1-dev folder (and SRPO_TRANSFORMER_FILE to the SRPO weights).",
-            model_dir,
+            tiny_model_dir,
         )
-        return ModelPaths(model_dir, settings.safety_dir or safety_dir, settings.transformer_file, True)
-    if settings.safety_dir is None:
+        return ModelPaths(tiny_model_dir, safety_dir or tiny_safety_dir, transformer_file, True)
+    if safety_dir is None:
         raise ModelFolderError("SRPO_SAFETY_DIR must name the safety checker folder when SRPO_MODEL_DIR is set")
-    return ModelPaths(settings.model_dir, settings.safety_dir, settings.transformer_file, False)
+    return ModelPaths(model_dir, safety_dir, transformer_file, False)
 
 
 def _has_weights(folder: Path) -> bool:

@@ -7,59 +7,17 @@ same steps split over deployments.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from models.denoise import DenoiseState, denoise_step
+from models.denoise import denoise_step, start_state
 from models.engine import StepHook
 from models.loading import check_model_folder, load_scheduler_config, load_transformer
-from models.request import GenerationRequest
-from models.sampling import initial_noise, make_schedule, noised_image_latents
+from models.request import GenerationRequest, GenerationResult
 from models.text_encoding import PromptEncoder
 from models.vae import VaeCodec
 from safety.checker import SafetyChecker
-
-
-@dataclass
-class GenerationResult:
-    images: list[np.ndarray]  # uint8 HxWx3
-    has_nsfw_concepts: list[bool]
-    seed: int
-    inference_seconds: float
-    latents: torch.Tensor | None = None  # final packed latents (num_images, L, 64), when kept
-
-
-def start_state(
-    request: GenerationRequest,
-    scheduler_config: dict,
-    prompt_embeds: torch.Tensor,
-    pooled: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype,
-    image_latents_and_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> DenoiseState:
-    """The first denoising state of a request: its schedule and its start latents."""
-    schedule = make_schedule(
-        scheduler_config, request.num_inference_steps, request.height, request.width, request.strength
-    )
-    if image_latents_and_noise is None:
-        generator = torch.Generator("cpu").manual_seed(request.seed)
-        latents = initial_noise(generator, request.num_images, request.height, request.width, device, dtype)
-    else:
-        image_latents, noise = image_latents_and_noise
-        latents = noised_image_latents(image_latents.to(device, dtype), noise.to(device, dtype), schedule)
-    return DenoiseState.start(
-        latents,
-        prompt_embeds.to(device, dtype),
-        pooled.to(device, dtype),
-        request.guidance_scale,
-        schedule,
-        request.height,
-        request.width,
-    )
 
 
 class SRPOPipeline:

@@ -49,7 +49,7 @@ def _tiny_settings_env(tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on 127.0.0.1 (installed by .ci/run), without persistence."""
-    from deployments.local_cluster import free_port
+    from tests.harness import free_port
 
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")

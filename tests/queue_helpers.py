@@ -9,7 +9,7 @@ import httpx
 import ray
 from ray import serve
 
-from deployments.local_cluster import APP_NAME
+from tests.harness import APP_NAME
 
 APP = "fal-ai/flux/srpo"
 REQUESTS = "/queue/fal-ai/flux/requests"

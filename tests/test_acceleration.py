@@ -11,11 +11,16 @@ import torch
 
 from deployments.denoiser import Denoiser
 from models.acceleration import (
-    PLANS, Accelerator, ModePlan, _copy_sharing_modulation, _is_fp8_linear, build_module, unavailable_reason,
+    PLANS,
+    Accelerator,
+    ModePlan,
+    _copy_sharing_modulation,
+    _is_fp8_linear,
+    build_module,
+    unavailable_reason,
 )
-from models.denoise import DenoiseState, denoise_step
+from models.denoise import DenoiseState, denoise_step, start_state
 from models.loading import load_scheduler_config, load_transformer
-from models.pipeline import start_state
 from models.request import GenerationRequest
 from models.step_cache import StepCache
 from models.text_encoding import PromptEncoder

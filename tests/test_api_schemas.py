@@ -7,12 +7,13 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
-from deployments.http_app import InProcessBackend, SRPOService, build_app
 from models.pipeline import SRPOPipeline
+from server.app import build_app
+from server.service import InProcessBackend, SRPOService
 from settings import get_settings
 from tests.conftest import CPU
 

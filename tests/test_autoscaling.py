@@ -8,7 +8,7 @@ import time
 import httpx
 from ray import serve
 
-from deployments.local_cluster import APP_NAME, running_serve, tiny_env
+from tests.harness import APP_NAME, running_serve, tiny_env
 
 FAST_AUTOSCALING = {
     "min_replicas": 1,

@@ -6,9 +6,8 @@ import copy
 
 import torch
 
-from models.denoise import denoise_step
+from models.denoise import denoise_step, start_state
 from models.loading import load_scheduler_config, load_transformer
-from models.pipeline import start_state
 from models.request import GenerationRequest
 from models.text_encoding import PromptEncoder
 from tests.conftest import CPU

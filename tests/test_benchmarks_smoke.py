@@ -15,10 +15,10 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from benchmarks import end_to_end, load_test, quality, random_model, report, serving_overhead, step_latency
-from deployments.local_cluster import running_serve, tiny_env
 from models.pipeline import SRPOPipeline
 from models.request import GenerationRequest
 from tests.conftest import CPU
+from tests.harness import running_serve, tiny_env
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.denoise import DenoiseState
+from models.denoise import DenoiseState, start_state
 from models.engine import DenoiseEngine
-from models.pipeline import SRPOPipeline, start_state
+from models.pipeline import SRPOPipeline
 from models.request import GenerationRequest
 from tests.conftest import CPU
 

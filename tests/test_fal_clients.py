@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from ray import serve
 
-from deployments.local_cluster import APP_NAME, running_serve, tiny_env
+from tests.harness import APP_NAME, running_serve, tiny_env
 from tests.queue_helpers import (
     APP,
     REQUESTS,

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from deployments.local_cluster import running_serve, tiny_env
+from tests.harness import running_serve, tiny_env
 from tests.queue_helpers import assert_records_survive_ingress_kill
 
 KEY = "tls-test-key"

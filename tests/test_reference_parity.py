@@ -8,8 +8,9 @@ import torch
 from diffusers import FluxImg2ImgPipeline, FluxPipeline
 from PIL import Image
 
-from api.schemas import TextToImageInput, to_generation_request
+from api.schemas import TextToImageInput
 from models.pipeline import SRPOPipeline
+from server.service import to_generation_request
 from tests.conftest import CPU
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"

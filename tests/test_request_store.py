@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from api.queue_schemas import LogEntry
-from deployments.request_store import (
+from server.queue.store import (
     CANCELLED_BODY,
     Completion,
     NewRequest,

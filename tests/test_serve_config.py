@@ -13,7 +13,7 @@ import httpx
 import yaml
 
 from deployments.app import AppArgs, Decoder, Denoiser, Ingress, TextEncoder
-from deployments.local_cluster import free_port
+from tests.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = {"Ingress", "TextEncoder", "Denoiser", "Decoder"}

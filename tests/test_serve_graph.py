@@ -16,12 +16,13 @@ import torch
 from PIL import Image
 from ray import serve
 
-from api.images import encode_image
-from api.schemas import ImageToImageInput, TextToImageInput, to_generation_request
+from api.schemas import ImageToImageInput, TextToImageInput
 from models.pipeline import SRPOPipeline
 from safety.tiny import write_tiny_safety_checker
+from server.images import encode_image
+from server.service import to_generation_request
 from tests.conftest import CPU
-from deployments.local_cluster import APP_NAME, running_serve, tiny_env
+from tests.harness import APP_NAME, running_serve, tiny_env
 
 T2I = "/fal-ai/flux/srpo"
 I2I = "/fal-ai/flux/srpo/image-to-image"
@@ -178,7 +179,7 @@ def test_bad_inputs_and_urls_are_clear_422s(server, source_server):
 
 
 def _closed_port() -> int:
-    from deployments.local_cluster import free_port
+    from tests.harness import free_port
 
     return free_port()
 

@@ -11,18 +11,15 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
-
-from fastapi import HTTPException
+from typing import Any
 
 from api.queue_schemas import ENDPOINTS, LogEntry, WebhookBody
 from api.schemas import ImageToImageInput, TextToImageInput
-from deployments.request_store import CANCELLED, Completion, RequestRecord, RequestStore
-from deployments.webhooks import deliver_webhook
+from server.errors import InputError
+from server.queue.store import CANCELLED, Completion, RequestRecord, RequestStore
+from server.queue.webhooks import deliver_webhook
+from server.service import FalInput, SRPOService
 from settings import Settings
-
-if TYPE_CHECKING:  # http_app builds the worker: importing it at run time would be circular
-    from deployments.http_app import SRPOService
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +27,7 @@ SIDECAR_INTERVAL_S = 0.2
 IDLE_POLL_S = 0.5
 
 
-def parse_input(endpoint: str, data: dict[str, Any]) -> TextToImageInput | ImageToImageInput:
+def parse_input(endpoint: str, data: dict[str, Any]) -> FalInput:
     return (ImageToImageInput if endpoint == ENDPOINTS[1] else TextToImageInput).model_validate(data)
 
 
@@ -151,7 +148,7 @@ class QueueWorker:
             if not cancelled_by_user:
                 raise  # the replica is stopping: leave the record for another replica
             return CANCELLED
-        except HTTPException as exc:
+        except InputError as exc:
             return Completion(code=exc.status_code, body={"detail": exc.detail}, error=str(exc.detail),
                               error_type="input_error", inference_time=seconds)
         except Exception:

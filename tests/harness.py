@@ -1,4 +1,4 @@
-"""A local Ray + Serve instance running the app on 127.0.0.1 (tests and benchmarks)."""
+"""A real Ray + Serve instance running the app on 127.0.0.1, for the tests and the benchmarks."""
 
 from __future__ import annotations
 

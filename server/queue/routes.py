@@ -10,13 +10,13 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.queue_schemas import APP_ALIAS, ENDPOINTS, CancelResponse, QueueStatus, QueueUrls, SubmitResponse
-from api.schemas import ImageToImageInput, TextToImageInput
-from deployments.outbound import BlockedDestination, check_destination
-from deployments.queue_worker import QueueWorker
-from deployments.request_store import CANCELLED, NewRequest, RequestRecord
+from api.schemas import REQUEST_ID_HEADER, ImageToImageInput, TextToImageInput
+from server.outbound import BlockedDestination, check_destination
+from server.queue.store import CANCELLED, NewRequest, RequestRecord
+from server.queue.worker import QueueWorker
+from server.service import FalInput
 
 STREAM_POLL_S = 0.1
-REQUEST_ID_HEADER = "x-fal-request-id"
 
 
 def status_body(record: RequestRecord, base: str, logs: bool) -> QueueStatus:
@@ -43,8 +43,8 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
     store, settings = worker.store, worker.settings
     router = APIRouter(prefix="/queue")
 
-    async def submit(endpoint: str, body: TextToImageInput | ImageToImageInput, request: Request,
-                     fal_webhook: str | None) -> JSONResponse:
+    async def submit(endpoint: str, body: FalInput, request: Request, fal_webhook: str | None) -> JSONResponse:
+        worker.service.check(body)  # this deployment's limits: a 422 now, not a failed request later
         if fal_webhook is not None:
             try:
                 await check_destination(fal_webhook, settings.webhook_allowed_networks)

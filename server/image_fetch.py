@@ -11,8 +11,8 @@ from urllib.parse import unquote_to_bytes, urljoin
 
 import httpx
 
-from api.images import ImageLoadError
-from deployments.outbound import BlockedDestination, check_destination
+from server.images import ImageLoadError
+from server.outbound import BlockedDestination, check_destination
 
 MAX_REDIRECTS = 3
 

@@ -8,7 +8,7 @@ import logging
 import httpx
 
 from api.queue_schemas import WebhookBody
-from deployments.outbound import BlockedDestination, check_destination
+from server.outbound import BlockedDestination, check_destination
 from settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,144 @@
+"""Validated fal input in, fal output out, over any generation backend.
+
+The HTTP routes, the queue worker and the Ray handle API all call `SRPOService.run`. A backend
+runs the model: the Serve graph (deployments/ingress.py) or the whole pipeline in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from typing import Callable, Protocol
+
+from PIL.Image import Image as PILImage
+
+from api.schemas import DEFAULT_MAX_PIXELS, Image, ImageToImageInput, Output, TextToImageInput, round_side
+from models.pipeline import SRPOPipeline
+from models.request import GenerationRequest, GenerationResult
+from server.errors import InputError, field_error
+from server.image_fetch import fetch_image_bytes
+from server.images import CONTENT_TYPES, ImageLoadError, data_uri, decode_image, encode_image
+from server.storage import ImageStore
+from settings import Settings
+
+LogSink = Callable[[str], None]  # receives progress messages; must be safe to call from any thread
+FalInput = TextToImageInput | ImageToImageInput
+
+
+def no_log(_: str) -> None:
+    return None
+
+
+class GenerationBackend(Protocol):
+    async def generate(
+        self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str, log: LogSink = no_log
+    ) -> GenerationResult: ...
+
+
+class InProcessBackend:
+    """The whole pipeline in this process, one request at a time (tests, quick local use)."""
+
+    def __init__(self, pipeline: SRPOPipeline) -> None:
+        self.pipeline = pipeline
+        self._lock = asyncio.Lock()
+
+    async def generate(
+        self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str, log: LogSink = no_log
+    ) -> GenerationResult:
+        def on_step(done: int, total: int) -> None:
+            log(f"step {done}/{total}")
+
+        async with self._lock:
+            log("Generating in-process: prompt, denoising, decoding")
+            return await asyncio.to_thread(self.pipeline.generate, request, enable_safety_checker, on_step)
+
+
+def fit_to_pixel_cap(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """Scale (width, height) down to at most max_pixels keeping the aspect ratio, then round to 16."""
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+    return round_side(int(width * scale)), round_side(int(height * scale))
+
+
+def to_generation_request(
+    body: FalInput, seed: int, image: PILImage | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> GenerationRequest:
+    """The model-level request for a validated body (image-to-image needs its decoded source)."""
+    if isinstance(body, ImageToImageInput):
+        if image is None:
+            raise ValueError("image-to-image needs its source image")
+        width, height = fit_to_pixel_cap(image.width, image.height, max_pixels)
+        strength = body.strength
+    else:
+        width, height = body.output_size()
+        image, strength = None, 1.0
+    return GenerationRequest(
+        prompt=body.prompt,
+        width=width,
+        height=height,
+        num_inference_steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        seed=seed,
+        num_images=body.num_images,
+        image=image,
+        strength=strength,
+    )
+
+
+class SRPOService:
+    """What the HTTP routes, the queue worker and the Python handle API call."""
+
+    def __init__(self, backend: GenerationBackend, settings: Settings) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.store = ImageStore(settings.storage_dir)
+
+    def check(self, body: FalInput) -> None:
+        """This deployment's limits beyond the schema's; raises InputError (422) before any work."""
+        if isinstance(body, TextToImageInput):
+            width, height = body.output_size()
+            cap = self.settings.max_pixels
+            if width * height > cap:
+                message = f"{width}x{height} is {width * height} pixels; this deployment allows at most {cap} per image"
+                raise field_error("image_size", f"{message} (SRPO_MAX_PIXELS)", body.model_dump(mode="json")["image_size"])
+
+    async def run(self, body: FalInput, base: str, log: LogSink = no_log) -> Output:
+        """Generate; `base` prefixes file URLs (unused with sync_mode, which returns data URIs)."""
+        self.check(body)
+        seed = body.resolved_seed()
+        source = None
+        if isinstance(body, ImageToImageInput):
+            log("Loading the input image")
+            source = await self._load_source(body.image_url)
+        generation = to_generation_request(body, seed, source, self.settings.max_pixels)
+        result = await self.backend.generate(
+            generation, enable_safety_checker=body.enable_safety_checker, acceleration=body.acceleration, log=log
+        )
+        log(f"Encoding {len(result.images)} {body.output_format} image(s)")
+        encoded = await asyncio.to_thread(lambda: [encode_image(px, body.output_format) for px in result.images])
+        content_type = CONTENT_TYPES[body.output_format]
+        images = []
+        for data in encoded:
+            if body.sync_mode:
+                name, url = f"{uuid.uuid4().hex}.{body.output_format}", data_uri(data, content_type)
+            else:
+                name = await asyncio.to_thread(self.store.save, data, body.output_format)
+                url = f"{base}/files/{name}"
+            images.append(Image(url=url, width=generation.width, height=generation.height,
+                                content_type=content_type, file_name=name, file_size=len(data)))
+        return Output(images=images, timings={"inference": round(result.inference_seconds, 4)}, seed=seed,
+                      has_nsfw_concepts=result.has_nsfw_concepts, prompt=body.prompt)
+
+    async def _load_source(self, url: str) -> PILImage:
+        settings = self.settings
+        try:
+            data = await fetch_image_bytes(
+                url,
+                max_bytes=settings.image_fetch_max_bytes,
+                timeout_s=settings.image_fetch_timeout_s,
+                allowed_networks=settings.image_url_allowed_networks,
+            )
+            return await asyncio.to_thread(decode_image, data, settings.image_max_source_pixels)
+        except ImageLoadError as exc:
+            shown = url if not url.startswith("data:") else url[:32] + "..."
+            raise InputError(f"Could not load image from url: {shown} ({exc})") from exc
