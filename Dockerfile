@@ -19,4 +19,4 @@ COPY --chown=ray:users safety ./safety
 COPY --chown=ray:users server ./server
 COPY --chown=ray:users deployments ./deployments
 # Ray is already in the image at the pinned version, torch above: this adds the rest and the project.
-RUN pip install --no-cache-dir ".[gpu]" && python -c "import deployments.app, cli"
+RUN pip install --no-cache-dir ".[gpu,s3]" && python -c "import deployments.app, cli"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -43,9 +43,33 @@ class Settings(BaseSettings):
     )
 
     # --- outputs ---
-    storage_dir: Path = Field(Path("outputs"), description="Folder where output images are written.")
+    storage_dir: Path = Field(Path("outputs"), description="Local folder for outputs and queue payloads.")
+    storage_url: str | None = Field(
+        None, description="fsspec URL that replaces storage_dir, e.g. s3://bucket/prefix (needs s3fs: '.[s3]')."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description='fsspec options for storage_url (JSON), e.g. {"endpoint_url": "http://minio:9000"}; '
+        "credentials come from the usual AWS_* variables or workload identity.",
+    )
+    storage_public_base_url: str | None = Field(
+        None, description="Public/CDN base serving storage_url's root (outputs at <base>/files/<name>); "
+        "unset = time-limited presigned URLs.",
+    )
+    storage_presign_ttl_s: float = Field(3600.0, gt=0, description="Longest validity of a presigned output URL.")
+    output_ttl_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="How long outputs are kept, unless a request asks otherwise "
+        "(x-fal-object-lifecycle-preference).",
+    )
+    storage_max_bytes: int | None = Field(
+        20 * 1024**3, ge=0, description="Local storage only: past this size the oldest outputs are removed early.",
+    )
+    storage_sweep_interval_s: float = Field(60.0, gt=0, description="How often expired outputs and payloads go.")
+    payload_inline_max_bytes: int = Field(
+        4096, ge=0, description="Queue inputs and results larger than this live in storage, not in the record.",
+    )
     public_base_url: str | None = Field(
-        None, description="Base for file URLs in responses; unset = the scheme and host the client used."
+        None, description="Base for /files URLs in responses; unset = the scheme and host the client used."
     )
 
     # --- queue (fal's /queue routes) ---

@@ -17,6 +17,8 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 MIN_SEED = -(2**63)
 RANDOM_SEED_BOUND = 2**53  # random seeds stay exact in JavaScript numbers
 REQUEST_ID_HEADER = "x-fal-request-id"
+# JSON `{"expiration_duration_seconds": N}`: how long this request's output files are kept.
+LIFECYCLE_HEADER = "x-fal-object-lifecycle-preference"
 DEFAULT_MAX_PIXELS = 1536 * 1536  # per image, unless a deployment sets another cap
 
 ImageSizePreset = Literal[
@@ -85,6 +87,12 @@ class ImageToImageInput(_CommonInput):
         if not value.startswith(("http://", "https://", "data:")):
             raise ValueError("image_url must be an http(s) URL or a data: URI")
         return value
+
+
+class ObjectLifecyclePreference(BaseModel):
+    """fal's `x-fal-object-lifecycle-preference` header."""
+
+    expiration_duration_seconds: int = Field(..., ge=1, le=10 * 365 * 24 * 3600)
 
 
 class Image(BaseModel):

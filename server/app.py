@@ -6,24 +6,26 @@ it over `InProcessBackend`.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import uuid
 from contextlib import asynccontextmanager
 from typing import Awaitable, Callable
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
-from api.schemas import REQUEST_ID_HEADER, ImageToImageInput, Output, TextToImageInput
-from server.errors import InputError
+from api.schemas import LIFECYCLE_HEADER, REQUEST_ID_HEADER, ImageToImageInput, Output, TextToImageInput
+from server.errors import ServiceError
 from server.fal_proxy import FalProxyRoute
+from server.periodic import every
 from server.images import CONTENT_TYPES
 from server.queue.routes import queue_router
 from server.queue.store import RequestStore, open_store
 from server.queue.worker import QueueWorker
-from server.service import FalInput, SRPOService
+from server.service import FalInput, SRPOService, output_ttl
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,10 @@ def build_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         worker.start()
+        sweeper = asyncio.get_running_loop().create_task(every(
+            settings.storage_sweep_interval_s, lambda: asyncio.to_thread(service.storage.sweep_outputs), "output sweep"))
         yield
+        sweeper.cancel()
         await worker.stop()
         await worker.store.close()
 
@@ -61,8 +66,8 @@ def build_app(
         lifespan=lifespan,
     )
 
-    @app.exception_handler(InputError)
-    async def input_error(_: Request, exc: InputError) -> JSONResponse:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
     # Middleware added later wraps the earlier ones: proxy rewrite > CORS > request id > API key.
@@ -91,32 +96,40 @@ def build_app(
 
     in_flight = 0
 
-    async def run(body: FalInput, request: Request) -> Output:
+    async def run(body: FalInput, request: Request, lifecycle: str | None) -> Output:
         nonlocal in_flight
+        ttl_s = output_ttl(lifecycle)
         if in_flight >= settings.sync_max_concurrency:  # refused before any work starts
             raise HTTPException(429, "Too many requests in progress; retry later", headers={"Retry-After": "2"})
         in_flight += 1
         try:
-            return await service.run(body, base_url(request, settings))
+            return await service.run(body, base_url(request, settings), output_ttl_s=ttl_s)
         finally:
             in_flight -= 1
 
+    lifecycle_header = Header(None, alias=LIFECYCLE_HEADER, description='JSON {"expiration_duration_seconds": N}')
+
     @app.post("/fal-ai/flux/srpo", response_model=Output, summary="Text to image")
-    async def text_to_image(body: TextToImageInput, request: Request) -> Output:
-        return await run(body, request)
+    async def text_to_image(body: TextToImageInput, request: Request,
+                            lifecycle: str | None = lifecycle_header) -> Output:
+        return await run(body, request, lifecycle)
 
     @app.post("/fal-ai/flux/srpo/image-to-image", response_model=Output, summary="Image to image")
-    async def image_to_image(body: ImageToImageInput, request: Request) -> Output:
-        return await run(body, request)
+    async def image_to_image(body: ImageToImageInput, request: Request,
+                             lifecycle: str | None = lifecycle_header) -> Output:
+        return await run(body, request, lifecycle)
 
     app.include_router(queue_router(worker, lambda request: base_url(request, settings)))
 
-    @app.get("/files/{name}", summary="An output image")
-    async def files(name: str) -> FileResponse:
-        path = service.store.path(name)
-        if path is None:
-            raise HTTPException(404, "No such file")
-        return FileResponse(path, media_type=CONTENT_TYPES[path.suffix[1:]])
+    @app.get("/files/{name}", summary="An output image (until it expires)")
+    async def files(name: str) -> Response:
+        media_type = CONTENT_TYPES.get(name.rsplit(".", 1)[-1], "application/octet-stream")
+        if service.storage.is_local:
+            if (path := service.storage.local_path(name)) is not None:
+                return FileResponse(path, media_type=media_type)
+        elif (data := await asyncio.to_thread(service.storage.read_output, name)) is not None:
+            return Response(data, media_type=media_type)
+        raise HTTPException(404, "No such file")
 
     @app.get("/health", summary="Whether every stage of the graph is ready")
     async def health() -> JSONResponse:

@@ -1,20 +1,28 @@
-"""Errors the service raises for the client's input; the HTTP app and the queue turn them into bodies."""
+"""Errors the service raises with a message for the client; the HTTP app and the queue turn them into bodies."""
 
 from __future__ import annotations
 
 from typing import Any
 
 
-class InputError(Exception):
-    """Input that cannot be served: `detail` goes to the client as `{"detail": ...}` with `status_code`."""
+class ServiceError(Exception):
+    """A request that cannot be served: `detail` goes to the client as `{"detail": ...}` with `status_code`."""
 
-    def __init__(self, detail: Any, status_code: int = 422) -> None:
-        super().__init__(detail if isinstance(detail, str) else "invalid input")
+    def __init__(self, detail: Any, status_code: int, error_type: str) -> None:
+        super().__init__(detail if isinstance(detail, str) else error_type)
         self.detail = detail
         self.status_code = status_code
+        self.error_type = error_type
 
 
-def field_error(field: str, message: str, value: Any) -> InputError:
+class InputError(ServiceError):
+    """The client's input: 422 unless said otherwise."""
+
+    def __init__(self, detail: Any, status_code: int = 422) -> None:
+        super().__init__(detail, status_code, "input_error")
+
+
+def field_error(field: str, message: str, value: Any, location: str = "body") -> InputError:
     """A 422 shaped like FastAPI's validation errors, for checks that depend on this deployment's limits."""
-    return InputError([{"loc": ["body", field], "msg": f"Value error, {message}", "type": "value_error",
+    return InputError([{"loc": [location, field], "msg": f"Value error, {message}", "type": "value_error",
                         "input": value}])

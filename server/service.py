@@ -12,14 +12,24 @@ import uuid
 from typing import Callable, Protocol
 
 from PIL.Image import Image as PILImage
+from pydantic import ValidationError
 
-from api.schemas import DEFAULT_MAX_PIXELS, Image, ImageToImageInput, Output, TextToImageInput, round_side
+from api.schemas import (
+    DEFAULT_MAX_PIXELS,
+    LIFECYCLE_HEADER,
+    Image,
+    ImageToImageInput,
+    ObjectLifecyclePreference,
+    Output,
+    TextToImageInput,
+    round_side,
+)
 from models.pipeline import SRPOPipeline
 from models.request import GenerationRequest, GenerationResult
-from server.errors import InputError, field_error
+from server.errors import InputError, ServiceError, field_error
 from server.image_fetch import fetch_image_bytes
 from server.images import CONTENT_TYPES, ImageLoadError, data_uri, decode_image, encode_image
-from server.storage import ImageStore
+from server.storage import StorageError, open_object_store
 from settings import Settings
 
 LogSink = Callable[[str], None]  # receives progress messages; must be safe to call from any thread
@@ -85,13 +95,24 @@ def to_generation_request(
     )
 
 
+def output_ttl(lifecycle_header: str | None) -> float | None:
+    """The output time to live a request asks for with fal's lifecycle header (None: the default)."""
+    if lifecycle_header is None:
+        return None
+    try:
+        return float(ObjectLifecyclePreference.model_validate_json(lifecycle_header).expiration_duration_seconds)
+    except ValidationError as exc:
+        message = 'expected JSON {"expiration_duration_seconds": <1 or more>}'
+        raise field_error(LIFECYCLE_HEADER, message, lifecycle_header, location="header") from exc
+
+
 class SRPOService:
     """What the HTTP routes, the queue worker and the Python handle API call."""
 
     def __init__(self, backend: GenerationBackend, settings: Settings) -> None:
         self.backend = backend
         self.settings = settings
-        self.store = ImageStore(settings.storage_dir)
+        self.storage = open_object_store(settings)
 
     def check(self, body: FalInput) -> None:
         """This deployment's limits beyond the schema's; raises InputError (422) before any work."""
@@ -102,8 +123,13 @@ class SRPOService:
                 message = f"{width}x{height} is {width * height} pixels; this deployment allows at most {cap} per image"
                 raise field_error("image_size", f"{message} (SRPO_MAX_PIXELS)", body.model_dump(mode="json")["image_size"])
 
-    async def run(self, body: FalInput, base: str, log: LogSink = no_log) -> Output:
-        """Generate; `base` prefixes file URLs (unused with sync_mode, which returns data URIs)."""
+    async def run(
+        self, body: FalInput, base: str, log: LogSink = no_log, output_ttl_s: float | None = None
+    ) -> Output:
+        """Generate; `base` prefixes /files URLs (unused with sync_mode, which returns data URIs).
+
+        Output files are kept `output_ttl_s` (default: the `output_ttl_s` setting).
+        """
         self.check(body)
         seed = body.resolved_seed()
         source = None
@@ -122,12 +148,19 @@ class SRPOService:
             if body.sync_mode:
                 name, url = f"{uuid.uuid4().hex}.{body.output_format}", data_uri(data, content_type)
             else:
-                name = await asyncio.to_thread(self.store.save, data, body.output_format)
-                url = f"{base}/files/{name}"
+                name, url = await self._store_output(data, body.output_format, base, output_ttl_s)
             images.append(Image(url=url, width=generation.width, height=generation.height,
                                 content_type=content_type, file_name=name, file_size=len(data)))
         return Output(images=images, timings={"inference": round(result.inference_seconds, 4)}, seed=seed,
                       has_nsfw_concepts=result.has_nsfw_concepts, prompt=body.prompt)
+
+    async def _store_output(self, data: bytes, extension: str, base: str, ttl_s: float | None) -> tuple[str, str]:
+        """(name, URL) of a stored output; a storage failure fails the request rather than return a dead URL."""
+        try:
+            name = await asyncio.to_thread(self.storage.save_output, data, extension, ttl_s)
+            return name, await asyncio.to_thread(self.storage.output_url, name, base)
+        except StorageError as exc:
+            raise ServiceError(f"Could not store the output image: {exc}", 503, "storage_error") from exc
 
     async def _load_source(self, url: str) -> PILImage:
         settings = self.settings

@@ -5,6 +5,7 @@ Ray Serve and the app, the Serve graph against the cluster's GPUs; broken manife
 from __future__ import annotations
 
 import copy
+import json
 import re
 import tomllib
 from collections.abc import Iterator
@@ -21,7 +22,8 @@ from settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 DEV, PROD, BASE, WEIGHTS = "overlays/dev-1gpu", "overlays/prod-multigpu", "base", "weights"
-SERVING = (DEV, PROD, BASE)  # kustomizations with a RayService
+SERVING = (DEV, PROD, BASE)  # kustomizations with a RayService and their own generated Serve config
+S3 = "overlays/prod-s3"  # prod with outputs on object storage
 Doc = dict[str, Any]
 
 
@@ -29,7 +31,7 @@ Doc = dict[str, Any]
 def rendered() -> dict[str, list[Doc]]:
     try:
         validate.schemas_dir()
-        return {name: validate.kustomize_build(K8S / name) for name in (*SERVING, WEIGHTS)}
+        return {name: validate.kustomize_build(K8S / name) for name in (*SERVING, S3, WEIGHTS)}
     except FileNotFoundError as exc:  # kubectl and shared/ come with this project's machines
         pytest.skip(f"cannot validate offline here: {exc}")
 
@@ -64,7 +66,7 @@ def _with_serve_config(rayservice: Doc, change) -> Doc:
     return broken
 
 
-@pytest.mark.parametrize("name", [*SERVING, WEIGHTS])
+@pytest.mark.parametrize("name", [*SERVING, S3, WEIGHTS])
 def test_every_manifest_validates(rendered, name):
     errors = []
     for doc in rendered[name]:
@@ -141,6 +143,23 @@ def test_app_environment_matches_settings_volumes_and_weights_job(rendered):
     assert weights_pvc["metadata"]["name"] == "srpo-weights" and weights_pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
+def test_s3_overlay_replaces_the_outputs_volume(rendered):
+    prod, s3 = _only(rendered[PROD], "RayService"), _only(rendered[S3], "RayService")
+    assert not [d for d in rendered[S3] if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "srpo-outputs"]
+    pod = _worker(s3)["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["SRPO_STORAGE_URL"]["value"].startswith("s3://") and "SRPO_STORAGE_DIR" not in env
+    assert json.loads(env["SRPO_STORAGE_OPTIONS"]["value"]) == {"client_kwargs": {"region_name": "us-east-1"}}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # optional: workload identity works without
+        assert env[key]["valueFrom"]["secretKeyRef"] | {"optional": True} == env[key]["valueFrom"]["secretKeyRef"]
+    assert "outputs" not in {v["name"] for v in pod["volumes"]}
+    assert "outputs" not in {m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    # Everything else is prod's: the component changes storage only.
+    prod_pod = _worker(prod)["template"]["spec"]
+    assert len(pod["volumes"]) == len(prod_pod["volumes"]) - 1
+    assert validate.serve_config(s3) == validate.serve_config(prod)
+
+
 def test_references_resolve(rendered):
     docs_text = (ROOT / "docs" / "deploy-kubernetes.md").read_text()
     prod = rendered[PROD]
@@ -156,7 +175,7 @@ def test_references_resolve(rendered):
         assert ports[monitor["spec"]["podMetricsEndpoints"][0]["port"]] == 8080
     backend = _only(prod, "Ingress")["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": f"{rayservice['metadata']['name']}-serve-svc", "port": {"number": 8000}}
-    for name in (DEV, PROD, WEIGHTS):  # volumes exist, secrets are ones the guide tells operators to create
+    for name in (DEV, PROD, S3, WEIGHTS):  # volumes exist, secrets are ones the guide tells operators to create
         docs = rendered[name] + (rendered[WEIGHTS] if name != WEIGHTS else [])
         claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
         assert {v["claimName"] for v in _walk(rendered[name], "persistentVolumeClaim")} <= claims

@@ -6,15 +6,15 @@ import json
 import uuid
 from typing import AsyncIterator
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.queue_schemas import APP_ALIAS, ENDPOINTS, CancelResponse, QueueStatus, QueueUrls, SubmitResponse
-from api.schemas import REQUEST_ID_HEADER, ImageToImageInput, TextToImageInput
+from api.schemas import LIFECYCLE_HEADER, REQUEST_ID_HEADER, ImageToImageInput, TextToImageInput
 from server.outbound import BlockedDestination, check_destination
 from server.queue.store import CANCELLED, NewRequest, RequestRecord
 from server.queue.worker import QueueWorker
-from server.service import FalInput
+from server.service import FalInput, output_ttl
 
 STREAM_POLL_S = 0.1
 
@@ -40,11 +40,14 @@ def _logs_flag(logs: str | None) -> bool:
 
 def queue_router(worker: QueueWorker, base_url) -> APIRouter:
     """`base_url(request)` is the scheme and host the client used."""
-    store, settings = worker.store, worker.settings
+    store, settings, payloads = worker.store, worker.settings, worker.payloads
+    lifecycle_header = Header(None, alias=LIFECYCLE_HEADER, description='JSON {"expiration_duration_seconds": N}')
     router = APIRouter(prefix="/queue")
 
-    async def submit(endpoint: str, body: FalInput, request: Request, fal_webhook: str | None) -> JSONResponse:
+    async def submit(endpoint: str, body: FalInput, request: Request, fal_webhook: str | None,
+                     lifecycle: str | None) -> JSONResponse:
         worker.service.check(body)  # this deployment's limits: a 422 now, not a failed request later
+        ttl_s = output_ttl(lifecycle)
         if fal_webhook is not None:
             try:
                 await check_destination(fal_webhook, settings.webhook_allowed_networks)
@@ -52,10 +55,13 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
                 raise HTTPException(422, [{"loc": ["query", "fal_webhook"], "msg": str(exc),
                                            "type": "value_error", "input": fal_webhook}]) from exc
         base = base_url(request)
-        new = NewRequest(id=str(uuid.uuid4()), endpoint=endpoint, input=body.model_dump(mode="json"),
-                         base_url=base, webhook_url=fal_webhook)
+        request_id = str(uuid.uuid4())
+        data, input_ref = await payloads.store_input(request_id, body.model_dump(mode="json"))
+        new = NewRequest(id=request_id, endpoint=endpoint, input=data, input_ref=input_ref, sync_mode=body.sync_mode,
+                         output_ttl_s=ttl_s, base_url=base, webhook_url=fal_webhook)
         position = await store.enqueue(new, settings.queue_max_pending)
         if position is None:  # nothing was stored: a client's retry cannot double the work
+            await payloads.delete([input_ref] if input_ref else [])
             return JSONResponse({"detail": "The queue is full; retry later"}, status_code=429,
                                 headers={"Retry-After": "5"})
         worker.wake()
@@ -63,14 +69,14 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
         return JSONResponse(response.model_dump(mode="json"), headers={REQUEST_ID_HEADER: new.id})
 
     @router.post(f"/{ENDPOINTS[0]}", response_model=SubmitResponse, summary="Queue a text-to-image request")
-    async def submit_text_to_image(body: TextToImageInput, request: Request,
-                                   fal_webhook: str | None = Query(None)) -> JSONResponse:
-        return await submit(ENDPOINTS[0], body, request, fal_webhook)
+    async def submit_text_to_image(body: TextToImageInput, request: Request, fal_webhook: str | None = Query(None),
+                                   lifecycle: str | None = lifecycle_header) -> JSONResponse:
+        return await submit(ENDPOINTS[0], body, request, fal_webhook, lifecycle)
 
     @router.post(f"/{ENDPOINTS[1]}", response_model=SubmitResponse, summary="Queue an image-to-image request")
-    async def submit_image_to_image(body: ImageToImageInput, request: Request,
-                                    fal_webhook: str | None = Query(None)) -> JSONResponse:
-        return await submit(ENDPOINTS[1], body, request, fal_webhook)
+    async def submit_image_to_image(body: ImageToImageInput, request: Request, fal_webhook: str | None = Query(None),
+                                    lifecycle: str | None = lifecycle_header) -> JSONResponse:
+        return await submit(ENDPOINTS[1], body, request, fal_webhook, lifecycle)
 
     async def known(request_id: str) -> RequestRecord:
         record = await store.get(request_id)
@@ -116,9 +122,11 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
         record = await known(request_id)
         if record.status != "COMPLETED":
             raise HTTPException(400, "Request is still in progress")
-        if record.result_code == 200 and record.input.get("sync_mode"):
+        result = await payloads.load_result(record)
+        if record.result_code == 200 and record.sync_mode:
             await store.delete(request_id)  # sync_mode results are not kept in the request history
-        return JSONResponse(record.result, status_code=record.result_code or 500,
+            await payloads.delete(record.payload_refs())
+        return JSONResponse(result, status_code=record.result_code or 500,
                             headers={REQUEST_ID_HEADER: request_id})
 
     @router.put(f"/{APP_ALIAS}/requests/{{request_id}}/cancel", response_model=CancelResponse,

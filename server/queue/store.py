@@ -1,6 +1,8 @@
 """Queue records shared by every ingress replica: an embedded SQLite file or Redis.
 
-A record holds a queued request from submit to expiry: its input, status, logs and result. The
+A record holds a queued request from submit to expiry: its input, status, logs and result (an
+input or result larger than `payload_inline_max_bytes` lives in object storage and the record
+holds its name, so records and status polls stay small). The
 pending queue lives in the store too, so a request accepted by one replica can be run by any
 other. A running request holds a lease its replica renews; when a replica dies, the lease runs
 out and the request goes back to the head of the queue (`requeue_expired`), so nothing accepted
@@ -35,7 +37,10 @@ class NewRequest(BaseModel):
 
     id: str
     endpoint: str
-    input: dict[str, Any]
+    input: dict[str, Any] | None  # None when the input is stored as a payload (input_ref)
+    input_ref: str | None = None
+    sync_mode: bool = False
+    output_ttl_s: float | None = None  # x-fal-object-lifecycle-preference
     base_url: str
     webhook_url: str | None = None
     created_at: float = Field(default_factory=time.time)
@@ -47,16 +52,25 @@ class RequestRecord(NewRequest):
     logs: list[LogEntry] = Field(default_factory=list)
     result_code: int | None = None
     result: Any = None
+    result_ref: str | None = None  # the result body's payload name, when it is not inline
     error: str | None = None
     error_type: str | None = None
     inference_time: float | None = None
+
+    def set_completion(self, done: Completion) -> None:
+        self.result_code, self.result, self.result_ref = done.code, done.body, done.body_ref
+        self.error, self.error_type, self.inference_time = done.error, done.error_type, done.inference_time
+
+    def payload_refs(self) -> list[str]:
+        return [ref for ref in (self.input_ref, self.result_ref) if ref]
 
 
 class Completion(BaseModel):
     """How a request ended: the result route's status code and body, plus status-body fields."""
 
     code: int
-    body: Any
+    body: Any = None
+    body_ref: str | None = None  # the body's payload name, when it is not inline
     error: str | None = None
     error_type: str | None = None
     inference_time: float | None = None
@@ -195,9 +209,7 @@ class SqliteRequestStore(RequestStore):
             logs = db.execute("SELECT entry FROM logs WHERE id=? ORDER BY rowid", (request_id,)).fetchall()
             record.logs = [LogEntry.model_validate_json(e) for (e,) in logs]
             if completion is not None:
-                done = Completion.model_validate_json(completion)
-                record.result_code, record.result = done.code, done.body
-                record.error, record.error_type, record.inference_time = done.error, done.error_type, done.inference_time
+                record.set_completion(Completion.model_validate_json(completion))
             return record
 
         return await self._run(op, write=False)
@@ -406,9 +418,7 @@ class RedisRequestStore(RequestStore):
         if record.status == "IN_QUEUE":
             record.queue_position = int(position) if position is not None else 0
         if fields.get("completion"):
-            done = Completion.model_validate_json(fields["completion"])
-            record.result_code, record.result = done.code, done.body
-            record.error, record.error_type, record.inference_time = done.error, done.error_type, done.inference_time
+            record.set_completion(Completion.model_validate_json(fields["completion"]))
         return record
 
     async def claim(self, worker: str, lease_s: float) -> RequestRecord | None:

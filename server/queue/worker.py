@@ -14,8 +14,10 @@ import uuid
 from typing import Any
 
 from api.queue_schemas import ENDPOINTS, LogEntry, WebhookBody
-from api.schemas import ImageToImageInput, TextToImageInput
-from server.errors import InputError
+from api.schemas import ImageToImageInput, Output, TextToImageInput
+from server.errors import ServiceError
+from server.periodic import every
+from server.queue.payloads import Payloads
 from server.queue.store import CANCELLED, Completion, RequestRecord, RequestStore
 from server.queue.webhooks import deliver_webhook
 from server.service import FalInput, SRPOService
@@ -36,20 +38,25 @@ class QueueWorker:
         self.store = store
         self.service = service
         self.settings = settings
+        self.payloads = Payloads(service.storage, settings.payload_inline_max_bytes)
         self.worker_id = uuid.uuid4().hex
         self._running: dict[str, asyncio.Task] = {}
         self._background: set[asyncio.Task] = set()  # webhook deliveries
         self._wake = asyncio.Event()
         self._change = asyncio.Event()  # replaced on every change; waiters hold the old one
         self._loop_task: asyncio.Task | None = None
+        self._sweep_task: asyncio.Task | None = None
 
     def start(self) -> None:
         if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+            loop = asyncio.get_running_loop()
+            self._loop_task = loop.create_task(self._loop())
+            self._sweep_task = loop.create_task(every(
+                self.settings.storage_sweep_interval_s, lambda: self.payloads.sweep(self.store), "payload sweep"))
 
     async def stop(self) -> None:
         """Stop without completing running requests: their leases run out and they run elsewhere."""
-        tasks = [t for t in [self._loop_task, *self._running.values()] if t is not None]
+        tasks = [t for t in [self._loop_task, self._sweep_task, *self._running.values()] if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -111,8 +118,12 @@ class QueueWorker:
         if record.logs:
             log("Restarted: the replica that was running this request stopped")
         began = time.perf_counter()
-        body = parse_input(record.endpoint, record.input)
-        run = loop.create_task(self.service.run(body, record.base_url, log))
+
+        async def run_request() -> Output:
+            body = parse_input(record.endpoint, await self.payloads.load_input(record))
+            return await self.service.run(body, record.base_url, log, record.output_ttl_s)
+
+        run = loop.create_task(run_request())
         cancelled_by_user = False
         next_renew = time.monotonic() + self.settings.queue_lease_s / 3
         try:
@@ -137,7 +148,7 @@ class QueueWorker:
         completion = await self._completion(run, cancelled_by_user, time.perf_counter() - began)
         await asyncio.sleep(0)  # let thread-posted log entries land
         await self._flush(record.id, pending_logs)
-        await self.store.complete(record.id, completion)
+        await self.store.complete(record.id, await self.payloads.store_result(record.id, completion))
         self._changed()
         self.notify(record, completion)
 
@@ -148,9 +159,9 @@ class QueueWorker:
             if not cancelled_by_user:
                 raise  # the replica is stopping: leave the record for another replica
             return CANCELLED
-        except InputError as exc:
+        except ServiceError as exc:
             return Completion(code=exc.status_code, body={"detail": exc.detail}, error=str(exc.detail),
-                              error_type="input_error", inference_time=seconds)
+                              error_type=exc.error_type, inference_time=seconds)
         except Exception:
             logger.exception("queued request failed")
             return Completion(code=500, body={"detail": "Internal server error"}, error="Internal server error",
