@@ -86,10 +86,28 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A running request whose replica stops renewing this long goes back to the queue."
     )
     sync_max_concurrency: int = Field(32, ge=1, description="Synchronous runs per ingress replica before 429.")
+    queue_max_attempts: int = Field(
+        3, ge=1, description="A queued request whose replica stopped this many times ends with an error."
+    )
+    queue_drain_s: float = Field(
+        15.0, ge=0, description="A stopping ingress replica's time to finish queued work before handing it back "
+        "(keep below the deployment's graceful_shutdown_timeout_s).",
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Longest run of one request (all attempts); past it: 504 request_timeout.",
+    )
+    retry_max_attempts: int = Field(
+        3, ge=1, description="Runs of one request when a model replica dies or cannot be reached; "
+        "never for input errors, and 1 with the x-fal-no-retry header.",
+    )
     webhook_timeout_s: float = 10.0
     webhook_attempts: int = Field(3, ge=1)
     webhook_allowed_networks: list[str] = Field(
         default_factory=list, description="Non-public networks fal_webhook may reach anyway (JSON list)."
+    )
+
+    fault_injection: bool = Field(
+        False, description="Chaos tests only: lets a stage's inject_fault() make its replica fail health checks."
     )
 
     # --- access ---

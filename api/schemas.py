@@ -19,6 +19,8 @@ RANDOM_SEED_BOUND = 2**53  # random seeds stay exact in JavaScript numbers
 REQUEST_ID_HEADER = "x-fal-request-id"
 # JSON `{"expiration_duration_seconds": N}`: how long this request's output files are kept.
 LIFECYCLE_HEADER = "x-fal-object-lifecycle-preference"
+START_TIMEOUT_HEADER = "x-fal-request-timeout"  # seconds a request may wait before it starts
+NO_RETRY_HEADER = "x-fal-no-retry"  # any true value: never run the request a second time
 DEFAULT_MAX_PIXELS = 1536 * 1536  # per image, unless a deployment sets another cap
 
 ImageSizePreset = Literal[

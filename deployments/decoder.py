@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from ray import serve
 
-from deployments.runtime import StageRuntime
+from deployments.runtime import ReplicaHealth, StageRuntime
 from models.vae import VaeCodec
 from safety.checker import SafetyChecker
 
@@ -30,7 +30,7 @@ class Decoded:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
-class Decoder:
+class Decoder(ReplicaHealth):
     def __init__(self, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.01) -> None:
         self.runtime = StageRuntime("decoder")
         paths = self.runtime.paths
@@ -43,8 +43,11 @@ class Decoder:
     async def encode_image(
         self, image: Image.Image, height: int, width: int, seed: int, num_images: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        latents, noise = await asyncio.to_thread(self.vae.encode_with_noise, image, height, width, seed, num_images)
-        return latents.cpu(), noise.cpu()
+        def encode() -> tuple[torch.Tensor, torch.Tensor]:
+            latents, noise = self.vae.encode_with_noise(image, height, width, seed, num_images)
+            return latents.cpu(), noise.cpu()
+
+        return await asyncio.to_thread(encode)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def decode(
@@ -77,6 +80,3 @@ class Decoder:
 
     def stats(self) -> dict:
         return {"batch_sizes": dict(self.runtime.batch_sizes)}
-
-    def ping(self) -> bool:
-        return True

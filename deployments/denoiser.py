@@ -16,7 +16,7 @@ from typing import AsyncIterator, Sequence
 import torch
 from ray import serve
 
-from deployments.runtime import StageRuntime
+from deployments.runtime import ReplicaHealth, StageRuntime
 from models.acceleration import MODES, WARMUP_BATCH_SIZES, WARMUP_SIZES, Accelerator
 from models.denoise import start_state
 from models.engine import DenoiseEngine
@@ -42,7 +42,7 @@ PROGRESS_INTERVAL_S = 0.1
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
-class Denoiser:
+class Denoiser(ReplicaHealth):
     def __init__(
         self,
         max_batch_tokens: int = 16384,
@@ -76,7 +76,8 @@ class Denoiser:
         update's note says so.
         """
         mode, note = self.accelerator.resolve(acceleration)
-        state = start_state(
+        state = await asyncio.to_thread(  # copies to the device: off the event loop
+            start_state,
             request,
             self.scheduler_config,
             embedding.prompt_embeds,
@@ -100,8 +101,8 @@ class Denoiser:
                 if update.step < update.total and time.monotonic() - sent >= PROGRESS_INTERVAL_S:
                     sent = time.monotonic()
                     yield update
-            latents = future.result()
-            yield DenoiseUpdate(state.step, state.schedule.num_steps, latents.cpu())
+            latents = await asyncio.to_thread(future.result().cpu)
+            yield DenoiseUpdate(state.step, state.schedule.num_steps, latents)
         finally:
             future.cancel()
 
@@ -112,5 +113,7 @@ class Denoiser:
             "acceleration_modes": sorted(self.accelerator.modules),
         }
 
-    def ping(self) -> bool:
-        return True
+    async def check_health(self) -> None:
+        if (failure := self.engine.failure) is not None:
+            raise RuntimeError(f"the denoising engine stopped: {failure!r}")
+        await super().check_health()

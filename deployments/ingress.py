@@ -7,6 +7,15 @@ import dataclasses
 import time
 
 from ray import serve
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    NodeDiedError,
+    RayActorError,
+    RayTaskError,
+    WorkerCrashedError,
+)
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from api.schemas import Output
@@ -15,7 +24,12 @@ from server.app import build_app
 from server.service import FalInput, LogSink, SRPOService, no_log
 from settings import get_settings
 
-HEALTH_TIMEOUT_S = 2.0
+# A replica process or its node went away, or Serve had no replica to take the call: the request can
+# run again elsewhere. RayTaskError wraps them when a stage received an upstream stage's result.
+REPLICA_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError, NodeDiedError,
+                    DeploymentUnavailableError, ReplicaUnavailableError)
+STATUS_CACHE_S = 1.0
+READY = {"HEALTHY", "UPSCALING", "DOWNSCALING"}  # deployment statuses that serve traffic
 
 
 class GraphBackend:
@@ -61,15 +75,37 @@ class GraphBackend:
         decoded = await decoder.decode.remote(latents, request.height, request.width, enable_safety_checker)
         return GenerationResult(decoded.images, decoded.has_nsfw_concepts, request.seed, time.perf_counter() - began)
 
-    async def health(self) -> dict[str, bool]:
-        async def ping(handle: DeploymentHandle) -> bool:
-            try:
-                return bool(await asyncio.wait_for(handle.ping.remote(), HEALTH_TIMEOUT_S))
-            except Exception:
-                return False
+    def is_transient(self, exc: BaseException | None) -> bool:
+        # Ray raises e.g. `RayTaskError(ActorDiedError)` (an instance of both), and Serve's router a
+        # RayServeException caused by it when the dead replica was an upstream stage's.
+        while exc is not None:
+            if isinstance(exc, REPLICA_FAILURES):
+                return True
+            exc = exc.cause if isinstance(exc, RayTaskError) else exc.__cause__
+        return False
 
-        results = await asyncio.gather(*(ping(h) for h in self.stages.values()))
-        return dict(zip(self.stages, results))
+
+class GraphHealth:
+    """Readiness from Serve's own view of the application (the controller's deployment statuses),
+    never from calls that would queue behind requests; cached briefly so probes cost nothing."""
+
+    def __init__(self, app_name: str) -> None:
+        self.app_name = app_name
+        self._checked, self._stages = 0.0, {}
+        self._lock = asyncio.Lock()
+
+    async def __call__(self) -> dict[str, bool]:
+        async with self._lock:
+            if time.monotonic() - self._checked > STATUS_CACHE_S:
+                self._stages = await asyncio.to_thread(self._read)
+                self._checked = time.monotonic()
+        return self._stages
+
+    def _read(self) -> dict[str, bool]:
+        app = serve.status().applications.get(self.app_name)
+        if app is None:
+            return {}
+        return {name: d.status in READY for name, d in app.deployments.items()}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -79,9 +115,10 @@ class Ingress:
         self.settings = get_settings()
         self.backend = GraphBackend(text_encoder, denoiser, decoder)
         self.service = SRPOService(self.backend, self.settings)
+        self.health = GraphHealth(serve.get_replica_context().app_name)
 
     def __serve_build_asgi_app__(self):
-        return build_app(self.service, self.backend.health)
+        return build_app(self.service, self.health)
 
     async def generate(self, body: FalInput) -> Output:
         """The handle API: `await serve.get_app_handle("srpo").generate.remote(TextToImageInput(...))`.

@@ -1,7 +1,9 @@
-"""What every stage's replica shares: the settings, the resolved weights, and the batch-size metric."""
+"""What every stage's replica shares: the settings, the resolved weights, the batch-size metric and
+the health check Serve calls."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 
@@ -37,3 +39,25 @@ class StageRuntime:
     def record_batch(self, size: int) -> None:
         self.batch_sizes[size] += 1
         self._histogram.observe(size)
+
+
+class ReplicaHealth:
+    """Serve's `check_health` for a stage: a replica that cannot serve fails it, and Serve replaces it
+    (its in-flight requests finish while it drains, or run again elsewhere)."""
+
+    runtime: StageRuntime
+    _fault: str | None = None
+
+    async def check_health(self) -> None:
+        if self._fault is not None:
+            raise RuntimeError(f"injected fault: {self._fault}")
+        # A lost or faulty device (Xid errors, ECC) fails the smallest op; in a thread, since on a GPU
+        # it waits for the forward in flight.
+        await asyncio.to_thread(lambda: torch.ones(1, device=self.runtime.device).add_(1).cpu())
+
+    def inject_fault(self, reason: str) -> None:
+        """Chaos testing only (SRPO_FAULT_INJECTION=true): fail every later health check."""
+        if not self.runtime.settings.fault_injection:
+            raise PermissionError("fault injection is off (SRPO_FAULT_INJECTION)")
+        logger.warning("%s replica: health checks will fail from now on (%s)", self.runtime.stage, reason)
+        self._fault = reason

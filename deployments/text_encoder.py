@@ -7,12 +7,12 @@ from collections import OrderedDict
 
 from ray import serve
 
-from deployments.runtime import StageRuntime
+from deployments.runtime import ReplicaHealth, StageRuntime
 from models.text_encoding import PromptEmbedding, PromptEncoder
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
-class TextEncoder:
+class TextEncoder(ReplicaHealth):
     def __init__(self, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, cache_size: int = 512) -> None:
         self.runtime = StageRuntime("text_encoder")
         self.encoder = PromptEncoder(self.runtime.paths.model_dir, self.runtime.device, self.runtime.dtype)
@@ -27,9 +27,8 @@ class TextEncoder:
         self.runtime.record_batch(len(prompts))
         misses = list(dict.fromkeys(p for p in prompts if p not in self.cache))
         if misses:
-            embeds = await asyncio.to_thread(self.encoder.encode, misses)
-            for prompt, embed in zip(misses, embeds):
-                self.cache[prompt] = PromptEmbedding(embed.prompt_embeds.cpu(), embed.pooled.cpu())
+            embeds = await asyncio.to_thread(self._encode_to_cpu, misses)
+            self.cache.update(zip(misses, embeds))
         results = []
         for prompt in prompts:
             self.cache.move_to_end(prompt)
@@ -38,8 +37,8 @@ class TextEncoder:
             self.cache.popitem(last=False)
         return results
 
+    def _encode_to_cpu(self, prompts: list[str]) -> list[PromptEmbedding]:
+        return [PromptEmbedding(e.prompt_embeds.cpu(), e.pooled.cpu()) for e in self.encoder.encode(prompts)]
+
     def stats(self) -> dict:
         return {"batch_sizes": dict(self.runtime.batch_sizes), "cached_prompts": len(self.cache)}
-
-    def ping(self) -> bool:
-        return True

@@ -84,6 +84,13 @@ class DenoiseEngine:
         self.batch_sizes: Counter[int] = Counter()  # samples per forward -> number of forwards
 
     @property
+    def failure(self) -> BaseException | None:
+        """Why the engine's loop ended, if it did (a forward's own failure only fails its requests)."""
+        if self._task is None or not self._task.done() or self._task.cancelled():
+            return None
+        return self._task.exception() or RuntimeError("the engine loop returned")
+
+    @property
     def active(self) -> int:
         """Requests queued or being denoised (cancelled ones leave before the next forward)."""
         return sum(not j.future.done() for j in self._jobs)

@@ -13,19 +13,20 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Awaitable, Callable
 
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from api.schemas import LIFECYCLE_HEADER, REQUEST_ID_HEADER, ImageToImageInput, Output, TextToImageInput
+from api.schemas import REQUEST_ID_HEADER, ImageToImageInput, Output, TextToImageInput
 from server.errors import ServiceError
 from server.fal_proxy import FalProxyRoute
-from server.periodic import every
+from server.headers import FalHeaders
 from server.images import CONTENT_TYPES
+from server.periodic import every
 from server.queue.routes import queue_router
 from server.queue.store import RequestStore, open_store
 from server.queue.worker import QueueWorker
-from server.service import FalInput, SRPOService, output_ttl
+from server.service import FalInput, SRPOService
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,8 @@ def build_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         worker.start()
-        sweeper = asyncio.get_running_loop().create_task(every(
-            settings.storage_sweep_interval_s, lambda: asyncio.to_thread(service.storage.sweep_outputs), "output sweep"))
+        sweep = lambda: asyncio.to_thread(service.storage.sweep_outputs)  # noqa: E731
+        sweeper = asyncio.get_running_loop().create_task(every(settings.storage_sweep_interval_s, sweep, "output sweep"))
         yield
         sweeper.cancel()
         await worker.stop()
@@ -96,28 +97,25 @@ def build_app(
 
     in_flight = 0
 
-    async def run(body: FalInput, request: Request, lifecycle: str | None) -> Output:
+    async def run(body: FalInput, request: Request, headers: FalHeaders) -> Output:
+        """A synchronous request starts at once (or gets 429): its start timeout is always met."""
         nonlocal in_flight
-        ttl_s = output_ttl(lifecycle)
         if in_flight >= settings.sync_max_concurrency:  # refused before any work starts
             raise HTTPException(429, "Too many requests in progress; retry later", headers={"Retry-After": "2"})
         in_flight += 1
         try:
-            return await service.run(body, base_url(request, settings), output_ttl_s=ttl_s)
+            return await service.run(body, base_url(request, settings), output_ttl_s=headers.output_ttl_s,
+                                     retry=headers.retry)
         finally:
             in_flight -= 1
 
-    lifecycle_header = Header(None, alias=LIFECYCLE_HEADER, description='JSON {"expiration_duration_seconds": N}')
-
     @app.post("/fal-ai/flux/srpo", response_model=Output, summary="Text to image")
-    async def text_to_image(body: TextToImageInput, request: Request,
-                            lifecycle: str | None = lifecycle_header) -> Output:
-        return await run(body, request, lifecycle)
+    async def text_to_image(body: TextToImageInput, request: Request, headers: FalHeaders = Depends()) -> Output:
+        return await run(body, request, headers)
 
     @app.post("/fal-ai/flux/srpo/image-to-image", response_model=Output, summary="Image to image")
-    async def image_to_image(body: ImageToImageInput, request: Request,
-                             lifecycle: str | None = lifecycle_header) -> Output:
-        return await run(body, request, lifecycle)
+    async def image_to_image(body: ImageToImageInput, request: Request, headers: FalHeaders = Depends()) -> Output:
+        return await run(body, request, headers)
 
     app.include_router(queue_router(worker, lambda request: base_url(request, settings)))
 
@@ -131,11 +129,15 @@ def build_app(
             return Response(data, media_type=media_type)
         raise HTTPException(404, "No such file")
 
-    @app.get("/health", summary="Whether every stage of the graph is ready")
+    @app.get("/health", summary="Readiness: every stage of the graph has replicas serving")
     async def health() -> JSONResponse:
         stages = await stage_health() if stage_health is not None else {}
         ready = all(stages.values())
         return JSONResponse({"status": "ok" if ready else "starting", "stages": stages}, status_code=200 if ready else 503)
+
+    @app.get("/livez", summary="Liveness: this process answers (for a probe that restarts it)")
+    async def livez() -> dict[str, str]:
+        return {"status": "alive"}
 
     return app
 
@@ -143,7 +145,7 @@ def build_app(
 def _public(request: Request) -> bool:
     """Health (probes) and files (unguessable names) need no key; CORS preflights carry none."""
     path = request.url.path
-    return request.method == "OPTIONS" or path == "/health" or path.startswith("/files/")
+    return request.method == "OPTIONS" or path in ("/health", "/livez") or path.startswith("/files/")
 
 
 def _key_accepted(request: Request, keys: list[str]) -> bool:

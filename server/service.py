@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 import uuid
 from typing import Callable, Protocol
 
 from PIL.Image import Image as PILImage
-from pydantic import ValidationError
 
 from api.schemas import (
     DEFAULT_MAX_PIXELS,
-    LIFECYCLE_HEADER,
     Image,
     ImageToImageInput,
-    ObjectLifecyclePreference,
     Output,
     TextToImageInput,
     round_side,
@@ -29,6 +27,7 @@ from models.request import GenerationRequest, GenerationResult
 from server.errors import InputError, ServiceError, field_error
 from server.image_fetch import fetch_image_bytes
 from server.images import CONTENT_TYPES, ImageLoadError, data_uri, decode_image, encode_image
+from server.retry import RetryPolicy, describe
 from server.storage import StorageError, open_object_store
 from settings import Settings
 
@@ -44,6 +43,10 @@ class GenerationBackend(Protocol):
     async def generate(
         self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str, log: LogSink = no_log
     ) -> GenerationResult: ...
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether `exc` is a failure of the infrastructure (worth running the request again)."""
+        ...
 
 
 class InProcessBackend:
@@ -62,6 +65,9 @@ class InProcessBackend:
         async with self._lock:
             log("Generating in-process: prompt, denoising, decoding")
             return await asyncio.to_thread(self.pipeline.generate, request, enable_safety_checker, on_step)
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return False  # one process: nothing to fail over to
 
 
 def fit_to_pixel_cap(width: int, height: int, max_pixels: int) -> tuple[int, int]:
@@ -95,17 +101,6 @@ def to_generation_request(
     )
 
 
-def output_ttl(lifecycle_header: str | None) -> float | None:
-    """The output time to live a request asks for with fal's lifecycle header (None: the default)."""
-    if lifecycle_header is None:
-        return None
-    try:
-        return float(ObjectLifecyclePreference.model_validate_json(lifecycle_header).expiration_duration_seconds)
-    except ValidationError as exc:
-        message = 'expected JSON {"expiration_duration_seconds": <1 or more>}'
-        raise field_error(LIFECYCLE_HEADER, message, lifecycle_header, location="header") from exc
-
-
 class SRPOService:
     """What the HTTP routes, the queue worker and the Python handle API call."""
 
@@ -113,6 +108,7 @@ class SRPOService:
         self.backend = backend
         self.settings = settings
         self.storage = open_object_store(settings)
+        self.retry_policy = RetryPolicy(settings.retry_max_attempts)
 
     def check(self, body: FalInput) -> None:
         """This deployment's limits beyond the schema's; raises InputError (422) before any work."""
@@ -124,12 +120,25 @@ class SRPOService:
                 raise field_error("image_size", f"{message} (SRPO_MAX_PIXELS)", body.model_dump(mode="json")["image_size"])
 
     async def run(
-        self, body: FalInput, base: str, log: LogSink = no_log, output_ttl_s: float | None = None
+        self, body: FalInput, base: str, log: LogSink = no_log, output_ttl_s: float | None = None, retry: bool = True
     ) -> Output:
         """Generate; `base` prefixes /files URLs (unused with sync_mode, which returns data URIs).
 
-        Output files are kept `output_ttl_s` (default: the `output_ttl_s` setting).
+        Output files are kept `output_ttl_s` (default: the `output_ttl_s` setting). A model replica
+        that dies mid-request makes the request run again (same seed, same pixels) unless `retry`
+        is False; the whole run is bounded by the `request_timeout_s` setting.
         """
+        timeout_s = self.settings.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._run(body, base, log, output_ttl_s, retry, time.monotonic() + timeout_s)
+        except TimeoutError as exc:
+            raise ServiceError(f"Request did not finish within {timeout_s:g} s (SRPO_REQUEST_TIMEOUT_S)", 504,
+                               "request_timeout") from exc
+
+    async def _run(
+        self, body: FalInput, base: str, log: LogSink, output_ttl_s: float | None, retry: bool, deadline: float
+    ) -> Output:
         self.check(body)
         seed = body.resolved_seed()
         source = None
@@ -137,9 +146,18 @@ class SRPOService:
             log("Loading the input image")
             source = await self._load_source(body.image_url)
         generation = to_generation_request(body, seed, source, self.settings.max_pixels)
-        result = await self.backend.generate(
-            generation, enable_safety_checker=body.enable_safety_checker, acceleration=body.acceleration, log=log
-        )
+        policy = self.retry_policy if retry else RetryPolicy(max_attempts=1)
+        try:
+            result = await policy.run(
+                lambda: self.backend.generate(generation, enable_safety_checker=body.enable_safety_checker,
+                                              acceleration=body.acceleration, log=log),
+                self.backend.is_transient, log, deadline,
+            )
+        except Exception as exc:
+            if not self.backend.is_transient(exc):
+                raise
+            tries = "" if policy.max_attempts == 1 else f" after {policy.max_attempts} attempts"
+            raise ServiceError(f"Request failed{tries}: {describe(exc)}", 503, "runner_disconnected") from exc
         log(f"Encoding {len(result.images)} {body.output_format} image(s)")
         encoded = await asyncio.to_thread(lambda: [encode_image(px, body.output_format) for px in result.images])
         content_type = CONTENT_TYPES[body.output_format]

@@ -82,3 +82,11 @@ def tiny_env(tiny_root: Path, storage: Path, **extra: str) -> dict[str, str]:
         "SRPO_QUEUE_DB_PATH": str(storage / "queue" / "requests.sqlite3"),
         **extra,
     }
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

@@ -134,10 +134,12 @@ def test_app_environment_matches_settings_volumes_and_weights_job(rendered):
         assert claims[mounts[env["SRPO_STORAGE_DIR"]["value"]]["name"]]["claimName"] == "srpo-outputs"
         outputs = [d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "srpo-outputs"]
         assert outputs[0]["spec"]["accessModes"] == ["ReadWriteMany"]  # every ingress replica serves /files
-        redis = _only(docs, "Service")
-        host_port = f"{redis['metadata']['name']}:{redis['spec']['ports'][0]['port']}"
-        assert f"@{host_port}/1" in env["SRPO_REDIS_URL"]["value"]
-        assert rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"] == host_port
+        services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+        host_port = {name: f"{name}:{s['spec']['ports'][0]['port']}" for name, s in services.items()}
+        # Two Redis: the queue's load or memory limit never reaches Ray's GCS fault tolerance.
+        assert f"@{host_port['srpo-queue-redis']}/0" in env["SRPO_REDIS_URL"]["value"]
+        gcs = rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"]
+        assert gcs == host_port["srpo-redis"] != host_port["srpo-queue-redis"]
         assert "secretKeyRef" in env["SRPO_API_KEYS"]["valueFrom"]
     weights_pvc = _only(rendered[WEIGHTS], "PersistentVolumeClaim")
     assert weights_pvc["metadata"]["name"] == "srpo-weights" and weights_pvc["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -244,6 +246,6 @@ def test_broken_manifests_fail(rendered):
 
     assert any("does not build" in e for e in validate.serve_errors(_with_serve_config(good, bad_import)))
 
-    redis = copy.deepcopy(_only(rendered[DEV], "Deployment"))
+    redis = copy.deepcopy(next(d for d in rendered[DEV] if d["kind"] == "Deployment"))
     redis["spec"]["replica"] = redis["spec"].pop("replicas")
     assert any("'replica' was unexpected" in e for e in validate.schema_errors(redis))

@@ -61,7 +61,7 @@ def test_positions_claims_in_order_and_shares_records_between_replicas(make_stor
         claimed = await b.claim("replica-b", 30)
         assert claimed.id == first.id and claimed.status == "IN_PROGRESS"
         assert (await a.get(third.id)).queue_position == 1
-        await b.append_logs(first.id, [LogEntry(message="step 1/4"), LogEntry(message="step 2/4")])
+        assert await b.append_logs(first.id, "replica-b", [LogEntry(message="step 1/4"), LogEntry(message="step 2/4")])
         await b.complete(first.id, Completion(code=200, body={"images": []}, inference_time=0.5))
         seen = await a.get(first.id)
         assert seen.status == "COMPLETED" and seen.result == {"images": []} and seen.result_code == 200
@@ -119,8 +119,36 @@ def test_expired_lease_requeues_at_the_head(make_store):
         assert await alive.requeue_expired() == [orphan.id]
         assert (await alive.get(orphan.id)).queue_position == 0
         assert not await dead.renew(orphan.id, "dead-replica", 30)  # its old owner lost it
-        assert (await alive.claim("alive-replica", 30)).id == orphan.id
+        claimed = await alive.claim("alive-replica", 30)
+        assert claimed.id == orphan.id and claimed.attempts == 2  # every claim counts as an attempt
         assert await alive.renew(orphan.id, "alive-replica", 30)
+
+        # The late worker wakes up: it can neither log nor overwrite the result, so no second webhook.
+        late = Completion(code=500, body={"detail": "late"})
+        assert not await dead.append_logs(orphan.id, "dead-replica", [LogEntry(message="late")])
+        assert not await dead.complete(orphan.id, late, worker="dead-replica")
+        assert await alive.append_logs(orphan.id, "alive-replica", [LogEntry(message="step 1/1")])
+        assert await alive.complete(orphan.id, Completion(code=200, body={"ok": 1}), worker="alive-replica")
+        assert not await dead.complete(orphan.id, late, worker="dead-replica")
+        record = await alive.get(orphan.id)
+        assert (record.result, [e.message for e in record.logs]) == ({"ok": 1}, ["step 1/1"])
+
+    run(scenario())
+
+
+def test_a_stopping_replica_hands_its_requests_back_at_once(make_store):
+    async def scenario():
+        stopping, other = make_store(), make_store()
+        first, second = _new(), _new()
+        await stopping.enqueue(first, 10)
+        await stopping.enqueue(second, 10)
+        assert (await stopping.claim("stopping", 30)).id == first.id
+        assert not await other.release(first.id, "other")  # only its holder hands it back
+        assert await stopping.release(first.id, "stopping")
+        assert not await stopping.release(first.id, "stopping")
+        record = await other.get(first.id)
+        assert (record.status, record.queue_position) == ("IN_QUEUE", 0)  # ahead of the later request
+        assert (await other.claim("other", 30)).id == first.id  # no lease had to run out
 
     run(scenario())
 

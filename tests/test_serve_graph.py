@@ -23,6 +23,7 @@ from server.images import encode_image
 from server.service import to_generation_request
 from tests.conftest import CPU
 from tests.harness import APP_NAME, running_serve, tiny_env
+from tests.pixels import assert_same_pixels, pixels
 
 T2I = "/fal-ai/flux/srpo"
 I2I = "/fal-ai/flux/srpo/image-to-image"
@@ -39,8 +40,8 @@ def reference(tiny_model_dir):
 def source_server(tmp_path_factory):
     """A real HTTP server on 127.0.0.1 with one PNG and one text file."""
     root = tmp_path_factory.mktemp("www")
-    pixels = (np.random.RandomState(3).rand(150, 200, 3) * 255).astype(np.uint8)
-    Image.fromarray(pixels).save(root / "source.png")
+    noise = (np.random.RandomState(3).rand(150, 200, 3) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(root / "source.png")
     (root / "notes.txt").write_text("not an image")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -58,25 +59,6 @@ def server(tiny_root, reference, tmp_path_factory):
                    SRPO_IMAGE_URL_ALLOWED_NETWORKS='["127.0.0.1/32"]')
     with running_serve(env, {"text_batch_wait_s": 0.05, "decode_batch_wait_s": 0.05}) as base:
         yield base
-
-
-def _pixels(url: str, client: httpx.Client) -> np.ndarray:
-    if url.startswith("data:"):
-        data = base64.b64decode(url.split(",", 1)[1])
-    else:
-        response = client.get(url)
-        assert response.status_code == 200
-        data = response.content
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def _assert_same_pixels(got: np.ndarray, want: np.ndarray, max_diff: int = 2) -> None:
-    # Replicas run torch with other thread counts than this process, which may round a value
-    # across a uint8 step (JPEG's block transform spreads such a step a little); anything
-    # beyond that is a real difference.
-    assert got.shape == want.shape
-    diff = np.abs(got.astype(int) - want.astype(int))
-    assert diff.max() <= max_diff and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
 def _expected(reference, body: dict, source: Image.Image | None = None) -> list[np.ndarray]:
@@ -107,11 +89,11 @@ def test_text_to_image_equals_in_process_pixels(server, reference, num_images, f
             assert int(served.headers["content-length"]) == image["file_size"]
             if fmt == "jpeg":  # lossy: compare with the same encoding of the expected pixels
                 want = np.asarray(Image.open(io.BytesIO(encode_image(want, "jpeg"))))
-            _assert_same_pixels(_pixels(image["url"], client), want, max_diff=2 if fmt == "png" else 16)
+            assert_same_pixels(pixels(image["url"], client), want, max_diff=2 if fmt == "png" else 16)
         again = client.post(server + T2I, json=body | {"sync_mode": True}).json()
         for first, second in zip(out["images"], again["images"]):
             assert second["url"].startswith(f"data:image/{fmt};base64,")
-            assert np.array_equal(_pixels(first["url"], client), _pixels(second["url"], client))
+            assert np.array_equal(pixels(first["url"], client), pixels(second["url"], client))
 
 
 def test_random_seed_is_reported_and_reproduces(server):
@@ -121,7 +103,7 @@ def test_random_seed_is_reported_and_reproduces(server):
         first = client.post(server + T2I, json=body).json()
         assert 0 <= first["seed"] < 2**53
         replay = client.post(server + T2I, json=body | {"seed": first["seed"]}).json()
-        assert np.array_equal(_pixels(first["images"][0]["url"], client), _pixels(replay["images"][0]["url"], client))
+        assert np.array_equal(pixels(first["images"][0]["url"], client), pixels(replay["images"][0]["url"], client))
 
 
 def test_safety_checker_blacks_out_flagged_image_only_when_enabled(server):
@@ -129,10 +111,10 @@ def test_safety_checker_blacks_out_flagged_image_only_when_enabled(server):
         on = client.post(server + T2I, json=FLAGGED | {"output_format": "png", "num_images": 1})
         assert on.status_code == 200
         assert on.json()["has_nsfw_concepts"] == [True]
-        assert not _pixels(on.json()["images"][0]["url"], client).any()
+        assert not pixels(on.json()["images"][0]["url"], client).any()
         off = client.post(server + T2I, json=FLAGGED | {"output_format": "png", "enable_safety_checker": False})
         assert off.json()["has_nsfw_concepts"] == [False]
-        assert _pixels(off.json()["images"][0]["url"], client).any()
+        assert pixels(off.json()["images"][0]["url"], client).any()
         other = client.post(server + T2I, json=FLAGGED | {"seed": 778, "output_format": "png"})
         assert other.json()["has_nsfw_concepts"] == [False]
 
@@ -150,7 +132,7 @@ def test_image_to_image_from_data_uri_and_local_http(server, reference, source_s
             images = response.json()["images"]
             assert (images[0]["width"], images[0]["height"]) == (192, 144)
             for image, want in zip(images, _expected(reference, body, source)):
-                _assert_same_pixels(_pixels(image["url"], client), want)
+                assert_same_pixels(pixels(image["url"], client), want)
 
 
 def test_bad_inputs_and_urls_are_clear_422s(server, source_server):
@@ -195,7 +177,7 @@ def test_sixteen_concurrent_mixed_requests_are_all_correct_and_batched(server, r
             assert response.status_code == 200, response.text
             images = response.json()["images"]
             for image, want in zip(images, _expected(reference, body)):
-                _assert_same_pixels(_pixels(image["url"], client), want)
+                assert_same_pixels(pixels(image["url"], client), want)
     stats = {name: serve.get_deployment_handle(name, APP_NAME).stats.remote().result()
              for name in ("TextEncoder", "Denoiser", "Decoder")}
     for name, stat in stats.items():
@@ -204,7 +186,7 @@ def test_sixteen_concurrent_mixed_requests_are_all_correct_and_batched(server, r
 
 def test_health_and_openapi(server):
     health = httpx.get(server + "/health").json()
-    assert health == {"status": "ok", "stages": {"text_encoder": True, "denoiser": True, "decoder": True}}
+    assert health == {"status": "ok", "stages": {"Ingress": True, "TextEncoder": True, "Denoiser": True, "Decoder": True}}
     spec = httpx.get(server + "/openapi.json").json()
     assert {T2I, I2I} <= set(spec["paths"])
     assert httpx.get(server + "/files/../../etc/passwd").status_code == 404
@@ -231,5 +213,5 @@ def test_handle_call_from_a_second_application(server):
         assert via_handle["seed"] == via_http["seed"] and via_handle["prompt"] == via_http["prompt"]
         assert via_handle["has_nsfw_concepts"] == via_http["has_nsfw_concepts"]
         for a, b in zip(via_handle["images"], via_http["images"], strict=True):
-            assert np.array_equal(_pixels(a["url"], client), _pixels(b["url"], client))
+            assert np.array_equal(pixels(a["url"], client), pixels(b["url"], client))
     serve.delete("caller")

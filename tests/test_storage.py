@@ -188,7 +188,7 @@ def test_a_failed_upload_is_a_clean_error_not_a_dead_url(pipeline, s3, tmp_path)
         assert ok.status_code == 200 and ok.json()["images"][0]["url"].startswith("data:image/jpeg;base64,")
 
 
-def test_local_sweeper_removes_expired_outputs_and_keeps_the_disk_cap(tmp_path, caplog):
+def test_local_sweeper_removes_expired_outputs_and_keeps_the_disk_cap(tmp_path, caplog, monkeypatch):
     store = ObjectStore(str(tmp_path), max_bytes=2500)
     names = [store.save_output(bytes(1000), "png", ttl_s=3600) for _ in range(4)]
     expired = store.save_output(bytes(1000), "png", ttl_s=-1)
@@ -196,12 +196,10 @@ def test_local_sweeper_removes_expired_outputs_and_keeps_the_disk_cap(tmp_path, 
         path = tmp_path / "files" / name
         os.utime(path, (time.time() - 100 * (age + 1),) * 2)
     assert store.local_path(expired) is None and store.read_output(expired) is None  # never served once expired
-    logger = logging.getLogger("server.storage")
-    logger.addHandler(caplog.handler)  # other tests' Ray set-up may stop propagation to the root logger
-    try:
+    # Another test's logging.config (uvicorn's, Ray's) may have disabled loggers that existed then.
+    monkeypatch.setattr(logging.getLogger("server.storage"), "disabled", False)
+    with caplog.at_level("WARNING", logger="server.storage"):
         report = store.sweep_outputs()
-    finally:
-        logger.removeHandler(caplog.handler)
     assert (report.expired, report.evicted, report.evicted_bytes) == (1, 2, 2000)
     left = sorted(p.name for p in (tmp_path / "files").iterdir())
     assert left == sorted(names[2:]), left  # the two oldest went first

@@ -6,15 +6,16 @@ import json
 import uuid
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.queue_schemas import APP_ALIAS, ENDPOINTS, CancelResponse, QueueStatus, QueueUrls, SubmitResponse
-from api.schemas import LIFECYCLE_HEADER, REQUEST_ID_HEADER, ImageToImageInput, TextToImageInput
+from api.schemas import REQUEST_ID_HEADER, ImageToImageInput, TextToImageInput
+from server.headers import FalHeaders
 from server.outbound import BlockedDestination, check_destination
 from server.queue.store import CANCELLED, NewRequest, RequestRecord
 from server.queue.worker import QueueWorker
-from server.service import FalInput, output_ttl
+from server.service import FalInput
 
 STREAM_POLL_S = 0.1
 
@@ -41,13 +42,11 @@ def _logs_flag(logs: str | None) -> bool:
 def queue_router(worker: QueueWorker, base_url) -> APIRouter:
     """`base_url(request)` is the scheme and host the client used."""
     store, settings, payloads = worker.store, worker.settings, worker.payloads
-    lifecycle_header = Header(None, alias=LIFECYCLE_HEADER, description='JSON {"expiration_duration_seconds": N}')
     router = APIRouter(prefix="/queue")
 
     async def submit(endpoint: str, body: FalInput, request: Request, fal_webhook: str | None,
-                     lifecycle: str | None) -> JSONResponse:
+                     headers: FalHeaders) -> JSONResponse:
         worker.service.check(body)  # this deployment's limits: a 422 now, not a failed request later
-        ttl_s = output_ttl(lifecycle)
         if fal_webhook is not None:
             try:
                 await check_destination(fal_webhook, settings.webhook_allowed_networks)
@@ -58,7 +57,8 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
         request_id = str(uuid.uuid4())
         data, input_ref = await payloads.store_input(request_id, body.model_dump(mode="json"))
         new = NewRequest(id=request_id, endpoint=endpoint, input=data, input_ref=input_ref, sync_mode=body.sync_mode,
-                         output_ttl_s=ttl_s, base_url=base, webhook_url=fal_webhook)
+                         output_ttl_s=headers.output_ttl_s, start_timeout_s=headers.start_timeout_s,
+                         retry=headers.retry, base_url=base, webhook_url=fal_webhook)
         position = await store.enqueue(new, settings.queue_max_pending)
         if position is None:  # nothing was stored: a client's retry cannot double the work
             await payloads.delete([input_ref] if input_ref else [])
@@ -70,13 +70,13 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
 
     @router.post(f"/{ENDPOINTS[0]}", response_model=SubmitResponse, summary="Queue a text-to-image request")
     async def submit_text_to_image(body: TextToImageInput, request: Request, fal_webhook: str | None = Query(None),
-                                   lifecycle: str | None = lifecycle_header) -> JSONResponse:
-        return await submit(ENDPOINTS[0], body, request, fal_webhook, lifecycle)
+                                   headers: FalHeaders = Depends()) -> JSONResponse:
+        return await submit(ENDPOINTS[0], body, request, fal_webhook, headers)
 
     @router.post(f"/{ENDPOINTS[1]}", response_model=SubmitResponse, summary="Queue an image-to-image request")
     async def submit_image_to_image(body: ImageToImageInput, request: Request, fal_webhook: str | None = Query(None),
-                                    lifecycle: str | None = lifecycle_header) -> JSONResponse:
-        return await submit(ENDPOINTS[1], body, request, fal_webhook, lifecycle)
+                                    headers: FalHeaders = Depends()) -> JSONResponse:
+        return await submit(ENDPOINTS[1], body, request, fal_webhook, headers)
 
     async def known(request_id: str) -> RequestRecord:
         record = await store.get(request_id)
@@ -127,7 +127,7 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
             await store.delete(request_id)  # sync_mode results are not kept in the request history
             await payloads.delete(record.payload_refs())
         return JSONResponse(result, status_code=record.result_code or 500,
-                            headers={REQUEST_ID_HEADER: request_id})
+                            headers={REQUEST_ID_HEADER: request_id, **(record.result_headers or {})})
 
     @router.put(f"/{APP_ALIAS}/requests/{{request_id}}/cancel", response_model=CancelResponse,
                 summary="Cancel a queued or running request")

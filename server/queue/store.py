@@ -41,6 +41,8 @@ class NewRequest(BaseModel):
     input_ref: str | None = None
     sync_mode: bool = False
     output_ttl_s: float | None = None  # x-fal-object-lifecycle-preference
+    start_timeout_s: float | None = None  # X-Fal-Request-Timeout: how long it may wait before it starts
+    retry: bool = True  # False with x-fal-no-retry
     base_url: str
     webhook_url: str | None = None
     created_at: float = Field(default_factory=time.time)
@@ -48,17 +50,20 @@ class NewRequest(BaseModel):
 
 class RequestRecord(NewRequest):
     status: QueueState = "IN_QUEUE"
+    attempts: int = 0  # claims so far, this one included
     queue_position: int | None = None  # IN_QUEUE only: requests ahead of this one
     logs: list[LogEntry] = Field(default_factory=list)
     result_code: int | None = None
     result: Any = None
     result_ref: str | None = None  # the result body's payload name, when it is not inline
+    result_headers: dict[str, str] | None = None
     error: str | None = None
     error_type: str | None = None
     inference_time: float | None = None
 
     def set_completion(self, done: Completion) -> None:
         self.result_code, self.result, self.result_ref = done.code, done.body, done.body_ref
+        self.result_headers = done.headers
         self.error, self.error_type, self.inference_time = done.error, done.error_type, done.inference_time
 
     def payload_refs(self) -> list[str]:
@@ -74,6 +79,7 @@ class Completion(BaseModel):
     error: str | None = None
     error_type: str | None = None
     inference_time: float | None = None
+    headers: dict[str, str] | None = None  # extra headers of the result route's response
 
 
 CANCELLED = Completion(code=CANCELLED_CODE, body=CANCELLED_BODY, error="Request was cancelled", error_type="cancelled")
@@ -92,18 +98,25 @@ class RequestStore(ABC):
 
     @abstractmethod
     async def claim(self, worker: str, lease_s: float) -> RequestRecord | None:
-        """Take the request at the head of the queue and mark it IN_PROGRESS under a lease."""
+        """Take the request at the head of the queue, mark it IN_PROGRESS under `worker`'s lease and
+        count the attempt."""
 
     @abstractmethod
     async def renew(self, request_id: str, worker: str, lease_s: float) -> bool:
         """Extend the lease; False when the request is no longer this worker's."""
 
     @abstractmethod
-    async def append_logs(self, request_id: str, entries: list[LogEntry]) -> None: ...
+    async def append_logs(self, request_id: str, worker: str, entries: list[LogEntry]) -> bool:
+        """Add log entries while `worker` holds the request; False (nothing added) otherwise."""
 
     @abstractmethod
-    async def complete(self, request_id: str, completion: Completion) -> None:
-        """Mark COMPLETED with its result; the record expires `ttl_s` later."""
+    async def complete(self, request_id: str, completion: Completion, worker: str | None = None) -> bool:
+        """Mark COMPLETED with its result; the record expires `ttl_s` later. With `worker`, only while
+        that worker holds the request (a late worker never overwrites a result): False otherwise."""
+
+    @abstractmethod
+    async def release(self, request_id: str, worker: str) -> bool:
+        """Hand a running request of `worker` back to the head of the queue now (a stopping replica)."""
 
     @abstractmethod
     async def cancel(self, request_id: str) -> CancelOutcome:
@@ -144,7 +157,8 @@ CREATE TABLE IF NOT EXISTS requests (
     lease_until REAL,
     cancel INTEGER NOT NULL DEFAULT 0,
     completion TEXT,
-    expires_at REAL
+    expires_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_status ON requests (status, seq);
 CREATE TABLE IF NOT EXISTS logs (id TEXT NOT NULL, entry TEXT NOT NULL);
@@ -163,6 +177,9 @@ class SqliteRequestStore(RequestStore):
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(requests)")}
+            if "attempts" not in columns:  # a file written before attempts were counted
+                self._db.execute("ALTER TABLE requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
 
     async def _run(self, fn, *args, write: bool = True):
         def locked():
@@ -196,12 +213,12 @@ class SqliteRequestStore(RequestStore):
     async def get(self, request_id: str) -> RequestRecord | None:
         def op(db: sqlite3.Connection) -> RequestRecord | None:
             row = db.execute(
-                "SELECT seq, request, status, completion, expires_at FROM requests WHERE id=?", (request_id,)
+                "SELECT seq, request, status, completion, expires_at, attempts FROM requests WHERE id=?", (request_id,)
             ).fetchone()
             if row is None or (row[4] is not None and row[4] < time.time()):
                 return None
-            seq, request, status, completion, _ = row
-            record = RequestRecord(**json.loads(request), status=status)
+            seq, request, status, completion, _, attempts = row
+            record = RequestRecord(**json.loads(request), status=status, attempts=attempts)
             if status == "IN_QUEUE":
                 record.queue_position = db.execute(
                     "SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE' AND seq<?", (seq,)
@@ -220,7 +237,7 @@ class SqliteRequestStore(RequestStore):
             if row is None:
                 return None
             db.execute(
-                "UPDATE requests SET status='IN_PROGRESS', worker=?, lease_until=? WHERE id=?",
+                "UPDATE requests SET status='IN_PROGRESS', worker=?, lease_until=?, attempts=attempts+1 WHERE id=?",
                 (worker, time.time() + lease_s, row[0]),
             )
             return row[0]
@@ -238,13 +255,21 @@ class SqliteRequestStore(RequestStore):
 
         return await self._run(op)
 
-    async def append_logs(self, request_id: str, entries: list[LogEntry]) -> None:
-        def op(db: sqlite3.Connection) -> None:
+    @staticmethod
+    def _holds(db: sqlite3.Connection, request_id: str, worker: str) -> bool:
+        row = db.execute("SELECT worker, status FROM requests WHERE id=?", (request_id,)).fetchone()
+        return row is not None and row == (worker, "IN_PROGRESS")
+
+    async def append_logs(self, request_id: str, worker: str, entries: list[LogEntry]) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            if not self._holds(db, request_id, worker):
+                return False
             db.executemany(
                 "INSERT INTO logs (id, entry) VALUES (?, ?)", [(request_id, e.model_dump_json()) for e in entries]
             )
+            return True
 
-        await self._run(op)
+        return await self._run(op)
 
     def _complete(self, db: sqlite3.Connection, request_id: str, completion: Completion) -> None:
         db.execute(
@@ -253,8 +278,26 @@ class SqliteRequestStore(RequestStore):
             (completion.model_dump_json(), time.time() + self.ttl_s, request_id),
         )
 
-    async def complete(self, request_id: str, completion: Completion) -> None:
-        await self._run(self._complete, request_id, completion)
+    async def complete(self, request_id: str, completion: Completion, worker: str | None = None) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            if worker is not None and not self._holds(db, request_id, worker):
+                return False
+            self._complete(db, request_id, completion)
+            return True
+
+        return await self._run(op)
+
+    async def release(self, request_id: str, worker: str) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            # Its original seq puts it back ahead of everything submitted after it.
+            cursor = db.execute(
+                "UPDATE requests SET status='IN_QUEUE', worker=NULL, lease_until=NULL "
+                "WHERE id=? AND worker=? AND status='IN_PROGRESS'",
+                (request_id, worker),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(op)
 
     async def cancel(self, request_id: str) -> CancelOutcome:
         def op(db: sqlite3.Connection) -> CancelOutcome:
@@ -324,6 +367,7 @@ while true do
   local rec = ARGV[1] .. 'r:' .. id
   if redis.call('HGET', rec, 'status') == 'IN_QUEUE' then
     redis.call('HSET', rec, 'status', 'IN_PROGRESS', 'worker', ARGV[2])
+    redis.call('HINCRBY', rec, 'attempts', 1)
     redis.call('ZADD', KEYS[2], ARGV[3], id)
     return id
   end
@@ -336,11 +380,33 @@ end
 redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
 return 1
 """
+# ARGV[4]: the worker that must hold the request, or '' for any state (a queued request's cancel).
 _COMPLETE = """
+if ARGV[4] ~= '' and (redis.call('HGET', KEYS[2], 'worker') ~= ARGV[4]
+                      or redis.call('HGET', KEYS[2], 'status') ~= 'IN_PROGRESS') then
+  return 0
+end
 redis.call('HSET', KEYS[2], 'status', 'COMPLETED', 'worker', '', 'completion', ARGV[2])
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
+return 1
+"""
+_APPEND_LOGS = """
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
+  return 0
+end
+for i = 2, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+return 1
+"""
+_RELEASE = """
+if redis.call('HGET', KEYS[3], 'worker') ~= ARGV[2] or redis.call('HGET', KEYS[3], 'status') ~= 'IN_PROGRESS' then
+  return 0
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[3], 'status', 'IN_QUEUE', 'worker', '')
+redis.call('LPUSH', KEYS[1], ARGV[1])
+return 1
 """
 _CANCEL = """
 local status = redis.call('HGET', KEYS[2], 'status')
@@ -386,7 +452,8 @@ class RedisRequestStore(RequestStore):
         self._scripts = {
             name: self._redis.register_script(src)
             for name, src in [("enqueue", _ENQUEUE), ("claim", _CLAIM), ("renew", _RENEW), ("complete", _COMPLETE),
-                              ("cancel", _CANCEL), ("requeue", _REQUEUE)]
+                              ("cancel", _CANCEL), ("requeue", _REQUEUE), ("append_logs", _APPEND_LOGS),
+                              ("release", _RELEASE)]
         }
 
     def _rec(self, request_id: str) -> str:
@@ -413,7 +480,8 @@ class RedisRequestStore(RequestStore):
             fields, logs, position = await pipe.execute()
         if not fields.get("request"):
             return None
-        record = RequestRecord(**json.loads(fields["request"]), status=fields["status"])
+        record = RequestRecord(**json.loads(fields["request"]), status=fields["status"],
+                               attempts=int(fields.get("attempts") or 0))
         record.logs = [LogEntry.model_validate_json(e) for e in logs]
         if record.status == "IN_QUEUE":
             record.queue_position = int(position) if position is not None else 0
@@ -433,15 +501,21 @@ class RedisRequestStore(RequestStore):
         )
         return bool(renewed)
 
-    async def append_logs(self, request_id: str, entries: list[LogEntry]) -> None:
-        if entries:
-            await self._redis.rpush(self._logs(request_id), *(e.model_dump_json() for e in entries))
+    async def append_logs(self, request_id: str, worker: str, entries: list[LogEntry]) -> bool:
+        return bool(await self._scripts["append_logs"](
+            keys=[self._rec(request_id), self._logs(request_id)], args=[worker, *(e.model_dump_json() for e in entries)]
+        ))
 
-    async def complete(self, request_id: str, completion: Completion) -> None:
-        await self._scripts["complete"](
+    async def complete(self, request_id: str, completion: Completion, worker: str | None = None) -> bool:
+        return bool(await self._scripts["complete"](
             keys=[self._running, self._rec(request_id), self._logs(request_id)],
-            args=[request_id, completion.model_dump_json(), self._ttl],
-        )
+            args=[request_id, completion.model_dump_json(), self._ttl, worker or ""],
+        ))
+
+    async def release(self, request_id: str, worker: str) -> bool:
+        return bool(await self._scripts["release"](
+            keys=[self._pending, self._running, self._rec(request_id)], args=[request_id, worker]
+        ))
 
     async def cancel(self, request_id: str) -> CancelOutcome:
         return await self._scripts["cancel"](

@@ -1,8 +1,12 @@
 """Runs queued requests: every ingress replica claims work from the shared store.
 
 Per running request a sidecar loop moves its logs into the store, watches for a cancel flag set
-by any replica, and renews the lease. A replica that stops (killed, scaled down) stops renewing;
-another replica puts the request back in the queue when the lease runs out and runs it again.
+by any replica, and renews the lease. A replica that dies stops renewing; another replica puts the
+request back in the queue when the lease runs out and runs it again. A replica that is stopped
+(downscale, upgrade) stops claiming, lets running requests finish for `queue_drain_s`, and hands
+the rest back at once. Only the lease holder may log or complete, so a late worker never
+overwrites a result or sends a second webhook; a request claimed more than `queue_max_attempts`
+times ends with an error instead of going round forever.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 from api.queue_schemas import ENDPOINTS, LogEntry, WebhookBody
 from api.schemas import ImageToImageInput, Output, TextToImageInput
@@ -27,10 +31,20 @@ logger = logging.getLogger(__name__)
 
 SIDECAR_INTERVAL_S = 0.2
 IDLE_POLL_S = 0.5
+STORE_OUTAGE_S = 300.0  # how long a finished request waits for an unreachable store before giving up
+TIMEOUT_TYPE_HEADER = "X-Fal-Request-Timeout-Type"
+T = TypeVar("T")
 
 
 def parse_input(endpoint: str, data: dict[str, Any]) -> FalInput:
     return (ImageToImageInput if endpoint == ENDPOINTS[1] else TextToImageInput).model_validate(data)
+
+
+def error_completion(
+    exc: ServiceError, seconds: float | None = None, headers: dict[str, str] | None = None
+) -> Completion:
+    return Completion(code=exc.status_code, body={"detail": exc.detail}, error=str(exc.detail),
+                      error_type=exc.error_type, inference_time=seconds, headers=headers)
 
 
 class QueueWorker:
@@ -55,11 +69,23 @@ class QueueWorker:
                 self.settings.storage_sweep_interval_s, lambda: self.payloads.sweep(self.store), "payload sweep"))
 
     async def stop(self) -> None:
-        """Stop without completing running requests: their leases run out and they run elsewhere."""
-        tasks = [t for t in [self._loop_task, self._sweep_task, *self._running.values()] if t is not None]
-        for task in tasks:
+        """Stop claiming; give running requests `queue_drain_s` to finish, then hand the rest back."""
+        for task in (self._loop_task, self._sweep_task):
+            if task is not None:
+                task.cancel()
+        running = dict(self._running)
+        if running:
+            await asyncio.wait(running.values(), timeout=self.settings.queue_drain_s)
+        unfinished = {rid: task for rid, task in running.items() if not task.done()}
+        for task in unfinished.values():
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*unfinished.values(), return_exceptions=True)
+        for request_id in unfinished:
+            try:
+                if await self.store.release(request_id, self.worker_id):
+                    logger.info("handed %s back to the queue: this replica is stopping", request_id)
+            except Exception:  # the lease still runs out and another replica takes it
+                logger.exception("could not hand %s back to the queue", request_id)
         if self._background:
             await asyncio.wait(self._background, timeout=self.settings.webhook_timeout_s)
 
@@ -92,7 +118,7 @@ class QueueWorker:
                     if record is None:
                         break
                     self._changed()
-                    task = asyncio.get_running_loop().create_task(self._execute(record))
+                    task = asyncio.get_running_loop().create_task(self._start(record))
                     self._running[record.id] = task
                     task.add_done_callback(lambda _, rid=record.id: self._finished(rid))
             except Exception:
@@ -107,6 +133,20 @@ class QueueWorker:
         self._running.pop(request_id, None)
         self._wake.set()
 
+    async def _start(self, record: RequestRecord) -> None:
+        """Run a claimed request, unless it has waited past its start timeout or failed too often."""
+        waited = time.time() - record.created_at
+        if record.start_timeout_s is not None and waited > record.start_timeout_s:
+            exc = ServiceError(f"Request did not start within its timeout of {record.start_timeout_s:g} s "
+                               f"(X-Fal-Request-Timeout); it waited {waited:.1f} s", 504, "request_timeout")
+            await self._finish(record, error_completion(exc, headers={TIMEOUT_TYPE_HEADER: "user"}))
+        elif record.attempts > self.settings.queue_max_attempts:
+            exc = ServiceError(f"Request was started {record.attempts - 1} times and its replica stopped each "
+                               f"time (SRPO_QUEUE_MAX_ATTEMPTS)", 503, "runner_disconnected")
+            await self._finish(record, error_completion(exc))
+        else:
+            await self._execute(record)
+
     async def _execute(self, record: RequestRecord) -> None:
         loop = asyncio.get_running_loop()
         pending_logs: list[LogEntry] = []
@@ -115,13 +155,13 @@ class QueueWorker:
             entry = LogEntry(message=message)
             loop.call_soon_threadsafe(pending_logs.append, entry)
 
-        if record.logs:
-            log("Restarted: the replica that was running this request stopped")
+        if record.attempts > 1:
+            log(f"Restarted (attempt {record.attempts}): the replica that was running this request stopped")
         began = time.perf_counter()
 
         async def run_request() -> Output:
             body = parse_input(record.endpoint, await self.payloads.load_input(record))
-            return await self.service.run(body, record.base_url, log, record.output_ttl_s)
+            return await self.service.run(body, record.base_url, log, record.output_ttl_s, retry=record.retry)
 
         run = loop.create_task(run_request())
         cancelled_by_user = False
@@ -130,7 +170,9 @@ class QueueWorker:
             while not run.done():
                 await asyncio.wait({run}, timeout=SIDECAR_INTERVAL_S)
                 try:
-                    await self._flush(record.id, pending_logs)
+                    if not await self._flush(record.id, pending_logs):
+                        logger.warning("%s is no longer this replica's; another one runs it", record.id)
+                        return
                     if not run.done() and await self.store.cancel_requested(record.id):
                         cancelled_by_user = True
                         run.cancel()
@@ -138,19 +180,40 @@ class QueueWorker:
                         next_renew = time.monotonic() + self.settings.queue_lease_s / 3
                         if not await self.store.renew(record.id, self.worker_id, self.settings.queue_lease_s):
                             logger.warning("lost the lease on %s; another replica runs it", record.id)
-                            run.cancel()
                             return
                 except Exception:  # the store is briefly unreachable: keep running, retry next tick
                     logger.exception("queue sidecar failed for %s", record.id)
         finally:
-            if not run.done():  # this replica is stopping
+            if not run.done():  # this replica is stopping, or the request is another replica's now
                 run.cancel()
         completion = await self._completion(run, cancelled_by_user, time.perf_counter() - began)
         await asyncio.sleep(0)  # let thread-posted log entries land
-        await self._flush(record.id, pending_logs)
-        await self.store.complete(record.id, await self.payloads.store_result(record.id, completion))
+        await self._until_store_answers(lambda: self._flush(record.id, pending_logs), record.id)
+        await self._finish(record, completion)
+
+    async def _finish(self, record: RequestRecord, completion: Completion) -> None:
+        stored = await self._until_store_answers(lambda: self.payloads.store_result(record.id, completion), record.id)
+        done = await self._until_store_answers(
+            lambda: self.store.complete(record.id, stored, worker=self.worker_id), record.id)
         self._changed()
-        self.notify(record, completion)
+        if done:  # a late worker's result is dropped: one completion, one webhook
+            self.notify(record, completion)
+        else:
+            logger.warning("dropped the result of %s: another replica holds it now", record.id)
+            await self.payloads.delete([stored.body_ref] if stored.body_ref else [])
+
+    async def _until_store_answers(self, op: Callable[[], Awaitable[T]], request_id: str) -> T:
+        """`op()`, retried while the store (or storage) is unreachable, up to STORE_OUTAGE_S."""
+        deadline, wait = time.monotonic() + STORE_OUTAGE_S, 0.2
+        while True:
+            try:
+                return await op()
+            except Exception:
+                if time.monotonic() + wait > deadline:
+                    raise  # the lease runs out and another replica runs the request again
+                logger.warning("store unreachable while finishing %s; retrying in %.1f s", request_id, wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 5.0)
 
     async def _completion(self, run: asyncio.Task, cancelled_by_user: bool, seconds: float) -> Completion:
         try:
@@ -160,20 +223,22 @@ class QueueWorker:
                 raise  # the replica is stopping: leave the record for another replica
             return CANCELLED
         except ServiceError as exc:
-            return Completion(code=exc.status_code, body={"detail": exc.detail}, error=str(exc.detail),
-                              error_type=exc.error_type, inference_time=seconds)
+            return error_completion(exc, seconds)
         except Exception:
             logger.exception("queued request failed")
             return Completion(code=500, body={"detail": "Internal server error"}, error="Internal server error",
                               error_type="internal_error", inference_time=seconds)
         return Completion(code=200, body=output.model_dump(mode="json"), inference_time=seconds)
 
-    async def _flush(self, request_id: str, pending_logs: list[LogEntry]) -> None:
-        if pending_logs:
-            entries = pending_logs[:]
-            del pending_logs[: len(entries)]
-            await self.store.append_logs(request_id, entries)
-            self._changed()
+    async def _flush(self, request_id: str, pending_logs: list[LogEntry]) -> bool:
+        """Move pending log entries to the store; False when this replica no longer holds the request."""
+        if not pending_logs:
+            return True
+        entries = pending_logs[:]
+        held = await self.store.append_logs(request_id, self.worker_id, entries)
+        del pending_logs[: len(entries)]
+        self._changed()
+        return held
 
     def notify(self, record: RequestRecord, completion: Completion) -> None:
         """Send the completion webhook in the background, if the request asked for one."""

@@ -1,0 +1,158 @@
+"""Nothing accepted is lost: replicas SIGKILLed mid-request, a failing health check, a restarted Redis.
+
+A real Serve instance on the tiny model; every request of a disturbed run must give the pixels of
+an undisturbed one (the in-process reference pipeline).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
+
+import httpx
+import numpy as np
+import pytest
+import ray
+import torch
+from ray import serve
+
+from api.schemas import TextToImageInput
+from models.pipeline import SRPOPipeline
+from server.service import to_generation_request
+from tests.conftest import CPU
+from tests.harness import APP_NAME, running_serve, tiny_env, wait_until
+from tests.pixels import assert_same_pixels, pixels
+from tests.queue_helpers import REQUESTS, step_logs, wait_status
+
+T2I = "fal-ai/flux/srpo"
+STAGES = ("Denoiser", "TextEncoder", "Decoder")
+FAST_HEALTH = {"health_check_period_s": 1, "health_check_timeout_s": 10}
+
+
+def body(stage: str, i: int, steps: int = 12) -> dict[str, Any]:
+    # A prompt of its own per request: the TextEncoder's cache must not answer for a killed replica.
+    return {"prompt": f"{stage} chaos {i}", "seed": 100 + i, "image_size": {"width": 256, "height": 256},
+            "num_inference_steps": steps, "output_format": "png", "enable_safety_checker": False}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tiny_safety_dir) -> SRPOPipeline:
+    return SRPOPipeline(tiny_model_dir, tiny_safety_dir, CPU, torch.float32)
+
+
+def expected(reference: SRPOPipeline, fields: dict[str, Any]) -> np.ndarray:
+    request = to_generation_request(TextToImageInput(**fields), fields["seed"])
+    return reference.generate(request, enable_safety_checker=False).images[0]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_root, tmp_path_factory) -> Iterator[str]:
+    env = tiny_env(tiny_root, tmp_path_factory.mktemp("chaos"), SRPO_FAULT_INJECTION="true",
+                   SRPO_QUEUE_CONCURRENCY="8")
+    options = {name: FAST_HEALTH for name in STAGES}
+    with running_serve(env, {"deployment_options": options}) as base:
+        yield base
+
+
+def replica_names(stage: str) -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{stage}#" in a["name"])
+
+
+def sigkill(stage: str) -> str:
+    """SIGKILL the process of the stage's only replica; Serve's controller starts a new one."""
+    (name,) = replica_names(stage)
+    actor = ray.get_actor(name, namespace="serve")
+    os.kill(ray.get(actor.__ray_call__.remote(lambda _: os.getpid())), signal.SIGKILL)
+    return name
+
+
+def logs_of(client: httpx.Client, request_id: str) -> list[str]:
+    response = client.get(f"{REQUESTS}/{request_id}/status", params={"logs": 1})
+    return [e["message"] for e in response.json().get("logs") or []] if response.status_code in (200, 202) else []
+
+
+def run_disturbed(server: str, stage: str, disturb) -> tuple[list[dict], list[list[str]]]:
+    """6 queued and 6 synchronous requests; `disturb(client, queued_ids)` acts while they run."""
+    with httpx.Client(base_url=server, timeout=180) as client, ThreadPoolExecutor(6) as pool:
+        queued = [client.post(f"/queue/{T2I}", json=body(stage, i)).json()["request_id"] for i in range(6)]
+        sync = [pool.submit(client.post, f"/{T2I}", json=body(stage, i)) for i in range(6, 12)]
+        disturb(client, queued)
+        sync_bodies = []
+        for future in sync:
+            response = future.result()
+            assert response.status_code == 200, response.text
+            sync_bodies.append(response.json())
+        queued_bodies, queued_logs = [], []
+        for request_id in queued:
+            status = wait_status(client, request_id, lambda b: b["status"] == "COMPLETED", timeout_s=180)
+            assert "error" not in status, (status.get("error_type"), status.get("error"), logs_of(client, request_id))
+            queued_bodies.append(client.get(f"{REQUESTS}/{request_id}").json())
+            queued_logs.append(logs_of(client, request_id))
+        return queued_bodies + sync_bodies, queued_logs
+
+
+def assert_undisturbed_pixels(server: str, reference: SRPOPipeline, stage: str, outputs: list[dict]) -> None:
+    with httpx.Client(base_url=server, timeout=30) as client:
+        for i, output in enumerate(outputs):
+            assert_same_pixels(pixels(output["images"][0]["url"], client), expected(reference, body(stage, i)))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_sigkill_of_a_stage_replica_loses_no_request(server, reference, stage):
+    killed: list[str] = []
+
+    def kill(client: httpx.Client, queued: list[str]) -> None:
+        if stage == "Denoiser":  # while it denoises
+            wait_until(lambda: any(m.startswith("step ") for q in queued for m in logs_of(client, q)), 60,
+                       "denoising to start")
+        elif stage == "Decoder":  # while it decodes
+            wait_until(lambda: any("Decoding" in " ".join(logs_of(client, q)) for q in queued), 60, "decoding")
+        killed.append(sigkill(stage))
+
+    outputs, queued_logs = run_disturbed(server, stage, kill)
+    assert_undisturbed_pixels(server, reference, stage, outputs)
+    wait_until(lambda: replica_names(stage) and replica_names(stage) != killed, 60, f"a new {stage} replica")
+    if stage == "Denoiser":  # the denoising requests were running on it: they ran again
+        assert any(any(m.startswith("Retrying: a model replica stopped") for m in logs) for logs in queued_logs)
+
+
+def test_no_retry_header_fails_instead_of_running_again(server):
+    with httpx.Client(base_url=server, timeout=120) as client, ThreadPoolExecutor(1) as pool:
+        long = body("no-retry", 0, steps=50) | {"image_size": {"width": 512, "height": 512}}
+        running = client.post(f"/queue/{T2I}", json=long, headers={"x-fal-no-retry": "1"}).json()["request_id"]
+        sync = pool.submit(client.post, f"/{T2I}", json=long | {"seed": 7}, headers={"x-fal-no-retry": "1"})
+        wait_status(client, running, lambda b: len(step_logs(b)) >= 1)
+        sigkill("Denoiser")
+        response = sync.result()
+        assert response.status_code == 503 and "replica stopped" in response.json()["detail"], response.text
+        status = wait_status(client, running, lambda b: b["status"] == "COMPLETED", timeout_s=120)
+        assert status["error_type"] == "runner_disconnected", status
+        assert not any(m.startswith("Retrying") for m in logs_of(client, running))
+
+
+def test_health_stays_ready_under_load_and_a_failing_check_replaces_the_replica(server, reference):
+    stage = "health"
+    with httpx.Client(base_url=server, timeout=180) as client:
+        queued = [client.post(f"/queue/{T2I}", json=body(stage, i, steps=30)).json()["request_id"]
+                  for i in range(8)]
+        wait_status(client, queued[0], lambda b: len(step_logs(b)) >= 1)
+        for _ in range(10):  # saturated Denoiser: readiness comes from Serve, not from a queued call
+            began = time.monotonic()
+            assert client.get("/health").status_code == 200
+            assert client.get("/livez").json() == {"status": "alive"}
+            assert time.monotonic() - began < 1.0
+        (before,) = replica_names("Denoiser")
+        serve.get_deployment_handle("Denoiser", APP_NAME).inject_fault.remote("chaos test").result()
+        outputs = []
+        for request_id in queued:
+            status = wait_status(client, request_id, lambda b: b["status"] == "COMPLETED", timeout_s=180)
+            assert "error" not in status, (status.get("error_type"), status.get("error"), logs_of(client, request_id))
+            outputs.append(client.get(f"{REQUESTS}/{request_id}").json())
+        wait_until(lambda: replica_names("Denoiser") not in ([], [before]), 60, "the unhealthy replica's replacement")
+        for i, output in enumerate(outputs):
+            assert_same_pixels(pixels(output["images"][0]["url"], client),
+                               expected(reference, body(stage, i, steps=30)))
+        wait_until(lambda: client.get("/health").status_code == 200, 60, "readiness after the replacement")

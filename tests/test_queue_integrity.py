@@ -1,0 +1,92 @@
+"""The queue's own guards, through the real HTTP app and store: a request whose replicas keep dying
+ends with an error, a start timeout is fal's 504, a run past its deadline is a 504 too."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from models.pipeline import SRPOPipeline
+from server.app import build_app
+from server.queue.store import NewRequest, SqliteRequestStore
+from server.service import InProcessBackend, SRPOService
+from settings import Settings, get_settings
+from tests.conftest import CPU
+from tests.harness import wait_until
+
+T2I = "fal-ai/flux/srpo"
+REQUESTS = "/queue/fal-ai/flux/requests"
+BODY = {"prompt": "a red fox", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model_dir, tiny_safety_dir) -> SRPOPipeline:
+    return SRPOPipeline(tiny_model_dir, tiny_safety_dir, CPU, torch.float32)
+
+
+def _settings(tmp_path: Path, **update) -> Settings:
+    return get_settings().model_copy(update={"storage_dir": tmp_path / "files",
+                                             "queue_db_path": tmp_path / "requests.sqlite3", **update})
+
+
+def _completed(client: TestClient, request_id: str) -> dict:
+    status: dict = {}
+
+    def done() -> bool:
+        nonlocal status
+        status = client.get(f"{REQUESTS}/{request_id}/status").json()
+        return status["status"] == "COMPLETED"
+
+    wait_until(done, 60, f"{request_id} to complete")
+    return status
+
+
+def test_a_request_whose_replicas_keep_dying_ends_with_an_error(pipeline, tmp_path):
+    settings = _settings(tmp_path, queue_max_attempts=2)
+    request_id = str(uuid.uuid4())
+
+    async def crash_twice() -> None:  # two replicas claim it and die (their leases run out)
+        store = SqliteRequestStore(settings.queue_db_path, settings.result_ttl_s)
+        await store.enqueue(NewRequest(id=request_id, endpoint=T2I, input=BODY, base_url="http://x"), 10)
+        for replica in ("dead-1", "dead-2"):
+            assert (await store.claim(replica, lease_s=0.01)).id == request_id
+            await asyncio.sleep(0.02)
+            assert await store.requeue_expired() == [request_id]
+        await store.close()
+
+    asyncio.run(crash_twice())
+    with TestClient(build_app(SRPOService(InProcessBackend(pipeline), settings))) as client:
+        status = _completed(client, request_id)
+        assert status["error_type"] == "runner_disconnected" and "SRPO_QUEUE_MAX_ATTEMPTS" in status["error"], status
+        assert client.get(f"{REQUESTS}/{request_id}").status_code == 503
+        # A request that is not poisoned still runs: the worker goes on.
+        fresh = client.post(f"/queue/{T2I}", json=BODY).json()["request_id"]
+        assert "error" not in _completed(client, fresh)
+
+
+def test_start_timeout_and_request_deadline_are_504s(pipeline, tmp_path):
+    settings = _settings(tmp_path, queue_concurrency=1, request_timeout_s=3.0)
+    with TestClient(build_app(SRPOService(InProcessBackend(pipeline), settings))) as client:
+        slow = BODY | {"image_size": {"width": 1024, "height": 1024}, "num_inference_steps": 50}
+        blocker = client.post(f"/queue/{T2I}", json=slow).json()["request_id"]
+        waiting = client.post(f"/queue/{T2I}", json=BODY, headers={"X-Fal-Request-Timeout": "0.5"})
+        waiting = waiting.json()["request_id"]
+
+        status = _completed(client, blocker)  # ran past SRPO_REQUEST_TIMEOUT_S
+        assert status["error_type"] == "request_timeout" and "SRPO_REQUEST_TIMEOUT_S" in status["error"], status
+        status = _completed(client, waiting)  # started only after its 0.5 s had passed
+        assert status["error_type"] == "request_timeout", status
+        result = client.get(f"{REQUESTS}/{waiting}")
+        assert result.status_code == 504 and result.headers["x-fal-request-timeout-type"] == "user"
+
+        began = time.monotonic()
+        sync = client.post(f"/{T2I}", json=slow)
+        assert sync.status_code == 504 and time.monotonic() - began < 10, sync.text
+        bad = client.post(f"/queue/{T2I}", json=BODY, headers={"X-Fal-Request-Timeout": "soon"})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["header", "x-fal-request-timeout"]
