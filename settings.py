@@ -86,6 +86,10 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A running request whose replica stops renewing this long goes back to the queue."
     )
     sync_max_concurrency: int = Field(32, ge=1, description="Synchronous runs per ingress replica before 429.")
+    queue_low_priority_max_wait_s: float = Field(
+        300.0, ge=0, description="A low-priority request (X-Fal-Queue-Priority: low) that waited this long starts "
+        "before normal ones submitted after it: low never starves.",
+    )
     queue_max_attempts: int = Field(
         3, ge=1, description="A queued request whose replica stopped this many times ends with an error."
     )

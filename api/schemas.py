@@ -21,6 +21,9 @@ REQUEST_ID_HEADER = "x-fal-request-id"
 LIFECYCLE_HEADER = "x-fal-object-lifecycle-preference"
 START_TIMEOUT_HEADER = "x-fal-request-timeout"  # seconds a request may wait before it starts
 NO_RETRY_HEADER = "x-fal-no-retry"  # any true value: never run the request a second time
+PRIORITY_HEADER = "x-fal-queue-priority"  # normal | low
+RUNNER_HINT_HEADER = "x-fal-runner-hint"  # routing affinity; accepted, best effort
+ERROR_TYPE_HEADER = "x-fal-error-type"  # on every failure, the body's error_type
 DEFAULT_MAX_PIXELS = 1536 * 1536  # per image, unless a deployment sets another cap
 
 ImageSizePreset = Literal[

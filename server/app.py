@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import uuid
 from contextlib import asynccontextmanager
 from typing import Awaitable, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from api.schemas import REQUEST_ID_HEADER, ImageToImageInput, Output, TextToImageInput
-from server.errors import ServiceError
+from api.schemas import ERROR_TYPE_HEADER, REQUEST_ID_HEADER, ImageToImageInput, Output, TextToImageInput
+from server.errors import ServiceError, default_error_type
 from server.fal_proxy import FalProxyRoute
 from server.headers import FalHeaders
 from server.images import CONTENT_TYPES
+from server.openai_api import OpenAIError, from_validation_error, openai_router
 from server.periodic import every
 from server.queue.routes import queue_router
 from server.queue.store import RequestStore, open_store
@@ -53,8 +57,9 @@ def build_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         worker.start()
-        sweep = lambda: asyncio.to_thread(service.storage.sweep_outputs)  # noqa: E731
-        sweeper = asyncio.get_running_loop().create_task(every(settings.storage_sweep_interval_s, sweep, "output sweep"))
+        sweeper = asyncio.get_running_loop().create_task(
+            every(settings.storage_sweep_interval_s, lambda: asyncio.to_thread(service.storage.sweep_outputs),
+                  "output sweep"))
         yield
         sweeper.cancel()
         await worker.stop()
@@ -67,14 +72,27 @@ def build_app(
         lifespan=lifespan,
     )
 
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if _is_openai(request):  # OpenAI's clients expect 400 and their error shape
+            return from_validation_error(exc).response()
+        return await request_validation_exception_handler(request, exc)
+
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"detail": exc.detail, "error_type": exc.error_type}, status_code=exc.status_code)
 
     # Middleware added later wraps the earlier ones: proxy rewrite > CORS > request id > API key.
     @app.middleware("http")
     async def api_key(request: Request, call_next):
         if settings.api_keys and not _public(request) and not _key_accepted(request, settings.api_keys):
+            if _is_openai(request):
+                return OpenAIError(401, "Missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                   code="invalid_api_key").response()
             return JSONResponse({"detail": "Missing or invalid API key (send 'Authorization: Key <key>')"},
                                 status_code=401, headers={"WWW-Authenticate": "Key"})
         return await call_next(request)
@@ -87,19 +105,23 @@ def build_app(
         except Exception:  # never a stack trace in a body
             logger.exception("unhandled error in request %s", rid)
             response = JSONResponse({"detail": "Internal server error"}, status_code=500)
+        if response.status_code >= 400 and request.url.path != "/health":
+            response = await _with_error_type(response)
         response.headers.setdefault(REQUEST_ID_HEADER, rid)
         return response
 
     app.add_middleware(
-        CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER]
+        CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
+        expose_headers=[REQUEST_ID_HEADER, ERROR_TYPE_HEADER],
     )
     app.add_middleware(FalProxyRoute)
 
     in_flight = 0
 
-    async def run(body: FalInput, request: Request, headers: FalHeaders) -> Output:
+    async def run(body: FalInput, request: Request, headers: FalHeaders | None = None) -> Output:
         """A synchronous request starts at once (or gets 429): its start timeout is always met."""
         nonlocal in_flight
+        headers = headers or FalHeaders.absent()
         if in_flight >= settings.sync_max_concurrency:  # refused before any work starts
             raise HTTPException(429, "Too many requests in progress; retry later", headers={"Retry-After": "2"})
         in_flight += 1
@@ -118,6 +140,7 @@ def build_app(
         return await run(body, request, headers)
 
     app.include_router(queue_router(worker, lambda request: base_url(request, settings)))
+    app.include_router(openai_router(run))
 
     @app.get("/files/{name}", summary="An output image (until it expires)")
     async def files(name: str) -> Response:
@@ -142,14 +165,35 @@ def build_app(
     return app
 
 
+async def _with_error_type(response: Response) -> Response:
+    """fal's contract: every failure names its error_type in the body and in X-Fal-Error-Type."""
+    body = b"".join([chunk async for chunk in response.body_iterator])  # error bodies are small
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and "error" not in data:  # "error": OpenAI's shape, which has its own type
+        error_type = data.setdefault("error_type", headers.get(ERROR_TYPE_HEADER) or default_error_type(
+            response.status_code))
+        headers[ERROR_TYPE_HEADER] = error_type
+        return JSONResponse(data, status_code=response.status_code, headers=headers)
+    return Response(body, status_code=response.status_code, headers=headers)
+
+
 def _public(request: Request) -> bool:
     """Health (probes) and files (unguessable names) need no key; CORS preflights carry none."""
     path = request.url.path
     return request.method == "OPTIONS" or path in ("/health", "/livez") or path.startswith("/files/")
 
 
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
 def _key_accepted(request: Request, keys: list[str]) -> bool:
+    """fal's `Authorization: Key <key>` or OpenAI's `Authorization: Bearer <key>`, on every route."""
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "key" or not given:
+    if scheme.lower() not in ("key", "bearer") or not given:
         return False
     return any(hmac.compare_digest(given.strip().encode(), key.encode()) for key in keys)

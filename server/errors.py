@@ -26,3 +26,13 @@ def field_error(field: str, message: str, value: Any, location: str = "body") ->
     """A 422 shaped like FastAPI's validation errors, for checks that depend on this deployment's limits."""
     return InputError([{"loc": [location, field], "msg": f"Value error, {message}", "type": "value_error",
                         "input": value}])
+
+
+# fal's names where fal has one (request_timeout, runner_disconnected, internal_error); ours otherwise.
+_BY_STATUS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+              413: "payload_too_large", 422: "input_error", 429: "too_many_requests", 504: "request_timeout"}
+
+
+def default_error_type(status_code: int) -> str:
+    """The error_type of a failure that did not name its own."""
+    return _BY_STATUS.get(status_code, "internal_error" if status_code >= 500 else "bad_request")

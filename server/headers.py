@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from fastapi import Header
 from pydantic import ValidationError
 
-from api.schemas import LIFECYCLE_HEADER, NO_RETRY_HEADER, START_TIMEOUT_HEADER, ObjectLifecyclePreference
+from api.schemas import (
+    LIFECYCLE_HEADER,
+    NO_RETRY_HEADER,
+    PRIORITY_HEADER,
+    RUNNER_HINT_HEADER,
+    START_TIMEOUT_HEADER,
+    ObjectLifecyclePreference,
+)
 from server.errors import field_error
 
 
@@ -26,10 +34,25 @@ class FalHeaders:
         no_retry: str | None = Header(
             None, alias=NO_RETRY_HEADER, description="1/true: never run the request again after a replica failure."
         ),
+        priority: Literal["normal", "low"] = Header(
+            "normal", alias=PRIORITY_HEADER, description="Queue priority: a low request starts only when no normal "
+            "one waits, or once it has waited SRPO_QUEUE_LOW_PRIORITY_MAX_WAIT_S.",
+        ),
+        runner_hint: str | None = Header(
+            None, alias=RUNNER_HINT_HEADER, description="Accepted for fal compatibility; every replica serves every "
+            "request here, so it changes no routing and never delays one.",
+        ),
     ) -> None:
         self.output_ttl_s = _output_ttl(lifecycle)
         self.start_timeout_s = _start_timeout(start_timeout)
         self.retry = (no_retry or "").strip().lower() not in ("1", "true", "yes")
+        self.priority = priority
+        self.runner_hint = runner_hint
+
+    @classmethod
+    def absent(cls) -> FalHeaders:
+        """What a call that sent none of them gets (the OpenAI routes)."""
+        return cls(lifecycle=None, start_timeout=None, no_retry=None, priority="normal", runner_hint=None)
 
 
 def _output_ttl(value: str | None) -> float | None:

@@ -345,3 +345,54 @@ def test_javascript_client_subscribe(server, mode):
 
 def test_records_survive_killing_the_ingress_replica(http):
     assert_records_survive_ingress_kill(http)
+
+
+def test_start_timeout_is_a_504_the_client_does_not_retry(fal, http):
+    blocker = http.post(f"/queue/{APP}", json=slow()).json()["request_id"]
+    wait_status(http, blocker, lambda b: b["status"] != "IN_QUEUE")  # the one slot is taken
+    with pytest.raises(fal_client.client.FalClientHTTPError) as err:
+        fal.subscribe(APP, arguments=small(seed=21), start_timeout=1.5)
+    assert err.value.status_code == 504, err.value
+    assert err.value.response.headers["x-fal-request-timeout-type"] == "user"
+    assert err.value.response.headers["x-fal-error-type"] == "request_timeout"
+    wait_status(http, blocker, lambda b: b["status"] == "COMPLETED")
+
+
+def test_low_priority_requests_are_overtaken_by_normal_ones(fal, http):
+    blocker = fal.submit(APP, arguments=slow(steps=20, side=512), hint="gpu-pool-a")  # a hint never blocks
+    wait_status(http, blocker.request_id, lambda b: b["status"] != "IN_QUEUE")
+    low = [fal.submit(APP, arguments=small(seed=30 + i), priority="low") for i in range(2)]
+    normal = fal.submit(APP, arguments=small(seed=40), priority="normal")
+    positions = {h.request_id: http.get(f"{REQUESTS}/{h.request_id}/status").json()["queue_position"]
+                 for h in (*low, normal)}
+    assert [positions[h.request_id] for h in (normal, *low)] == [0, 1, 2], positions
+
+    def started(handle) -> float:
+        body = wait_status(http, handle.request_id, lambda b: b["status"] == "COMPLETED")
+        return min(e["timestamp"] for e in body["logs"])  # ISO-8601 UTC: orders as text
+
+    order = sorted((normal, *low), key=lambda h: started(h))
+    assert [h.request_id for h in order] == [normal.request_id, low[0].request_id, low[1].request_id]
+
+
+def test_fal_max_queue_length_refuses_a_submit_behind_that_many(http):
+    blocker = http.post(f"/queue/{APP}", json=slow(steps=20, side=512)).json()["request_id"]
+    wait_status(http, blocker, lambda b: b["status"] != "IN_QUEUE")
+    waiting = http.post(f"/queue/{APP}", json=small(seed=50), params={"fal_max_queue_length": 1}).json()
+    assert waiting["queue_position"] == 0
+    refused = http.post(f"/queue/{APP}", json=small(seed=51), params={"fal_max_queue_length": 1})
+    assert refused.status_code == 429 and refused.json()["error_type"] == "too_many_requests", refused.text
+    assert refused.headers["x-fal-error-type"] == "too_many_requests"
+    bad = http.post(f"/queue/{APP}", json=small(), params={"fal_max_queue_length": -1})
+    assert bad.status_code == 422 and bad.headers["x-fal-error-type"] == "input_error"
+    assert bad.json()["error_type"] == "input_error" and bad.json()["detail"][0]["loc"][-1] == "fal_max_queue_length"
+    wait_status(http, waiting["request_id"], lambda b: b["status"] == "COMPLETED")
+
+
+def test_every_failure_names_its_error_type(http, server):
+    unknown = http.get(f"{REQUESTS}/no-such-request/status")
+    assert unknown.status_code == 404 and unknown.json()["error_type"] == unknown.headers["x-fal-error-type"]
+    no_key = httpx.post(f"{server}/{APP}", json=small())
+    assert no_key.status_code == 401 and no_key.headers["x-fal-error-type"] == "unauthorized"
+    invalid = http.post(f"/{APP}", json=small(num_inference_steps=0))
+    assert invalid.headers["x-fal-error-type"] == "input_error" and invalid.json()["detail"][0]["loc"]

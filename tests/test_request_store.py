@@ -29,9 +29,9 @@ def make_store(request, tmp_path, redis_url):
     if request.param == "redis":
         redis.Redis.from_url(redis_url).flushdb()
 
-    def make(ttl_s: float = 60.0) -> RequestStore:
-        store = (SqliteRequestStore(tmp_path / "requests.sqlite3", ttl_s) if request.param == "sqlite"
-                 else RedisRequestStore(redis_url, ttl_s))
+    def make(ttl_s: float = 60.0, low_max_wait_s: float = 300.0) -> RequestStore:
+        store = (SqliteRequestStore(tmp_path / "requests.sqlite3", ttl_s, low_max_wait_s) if request.param == "sqlite"
+                 else RedisRequestStore(redis_url, ttl_s, low_max_wait_s))
         stores.append(store)
         return store
 
@@ -168,5 +168,25 @@ def test_finished_records_expire(make_store):
             await store.requeue_expired()  # the embedded store purges in its sweep
         assert await store.get(done.id) is None
         assert (await store.get(waiting.id)).status == "IN_QUEUE"  # unfinished work never expires
+
+    run(scenario())
+
+
+def test_low_priority_waits_for_normal_requests_but_never_starves(make_store):
+    async def scenario():
+        store = make_store(low_max_wait_s=1.0)
+        low_1, low_2 = _new(priority="low"), _new(priority="low")
+        normal_1, normal_2 = _new(), _new()
+        positions = [await store.enqueue(r, 10) for r in (low_1, low_2, normal_1, normal_2)]
+        assert positions == [0, 1, 0, 1]  # a normal request is ahead of every low one
+        assert [(await store.get(r.id)).queue_position for r in (low_1, low_2, normal_1, normal_2)] == [2, 3, 0, 1]
+        assert (await store.claim("w", 30)).id == normal_1.id
+        await asyncio.sleep(1.1)  # low_1 and low_2 have now waited past the bound
+        late_normal = _new()
+        await store.enqueue(late_normal, 10)
+        # The starved low requests go before normal ones submitted after them, in submit order.
+        claimed = [(await store.claim("w", 30)).id for _ in range(4)]
+        assert claimed == [low_1.id, low_2.id, normal_2.id, late_normal.id]
+        assert await store.pending() == 0
 
     run(scenario())

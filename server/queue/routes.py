@@ -18,6 +18,7 @@ from server.queue.worker import QueueWorker
 from server.service import FalInput
 
 STREAM_POLL_S = 0.1
+MAX_QUEUE_LENGTH = Query(None, ge=0, description="429 (nothing queued) when this many requests already wait.")
 
 
 def status_body(record: RequestRecord, base: str, logs: bool) -> QueueStatus:
@@ -45,7 +46,7 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
     router = APIRouter(prefix="/queue")
 
     async def submit(endpoint: str, body: FalInput, request: Request, fal_webhook: str | None,
-                     headers: FalHeaders) -> JSONResponse:
+                     max_queue_length: int | None, headers: FalHeaders) -> JSONResponse:
         worker.service.check(body)  # this deployment's limits: a 422 now, not a failed request later
         if fal_webhook is not None:
             try:
@@ -58,8 +59,10 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
         data, input_ref = await payloads.store_input(request_id, body.model_dump(mode="json"))
         new = NewRequest(id=request_id, endpoint=endpoint, input=data, input_ref=input_ref, sync_mode=body.sync_mode,
                          output_ttl_s=headers.output_ttl_s, start_timeout_s=headers.start_timeout_s,
-                         retry=headers.retry, base_url=base, webhook_url=fal_webhook)
-        position = await store.enqueue(new, settings.queue_max_pending)
+                         retry=headers.retry, priority=headers.priority, base_url=base, webhook_url=fal_webhook)
+        limit = settings.queue_max_pending if max_queue_length is None else min(settings.queue_max_pending,
+                                                                                 max_queue_length)
+        position = await store.enqueue(new, limit)
         if position is None:  # nothing was stored: a client's retry cannot double the work
             await payloads.delete([input_ref] if input_ref else [])
             return JSONResponse({"detail": "The queue is full; retry later"}, status_code=429,
@@ -70,13 +73,15 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
 
     @router.post(f"/{ENDPOINTS[0]}", response_model=SubmitResponse, summary="Queue a text-to-image request")
     async def submit_text_to_image(body: TextToImageInput, request: Request, fal_webhook: str | None = Query(None),
+                                   fal_max_queue_length: int | None = MAX_QUEUE_LENGTH,
                                    headers: FalHeaders = Depends()) -> JSONResponse:
-        return await submit(ENDPOINTS[0], body, request, fal_webhook, headers)
+        return await submit(ENDPOINTS[0], body, request, fal_webhook, fal_max_queue_length, headers)
 
     @router.post(f"/{ENDPOINTS[1]}", response_model=SubmitResponse, summary="Queue an image-to-image request")
     async def submit_image_to_image(body: ImageToImageInput, request: Request, fal_webhook: str | None = Query(None),
+                                    fal_max_queue_length: int | None = MAX_QUEUE_LENGTH,
                                     headers: FalHeaders = Depends()) -> JSONResponse:
-        return await submit(ENDPOINTS[1], body, request, fal_webhook, headers)
+        return await submit(ENDPOINTS[1], body, request, fal_webhook, fal_max_queue_length, headers)
 
     async def known(request_id: str) -> RequestRecord:
         record = await store.get(request_id)

@@ -27,8 +27,9 @@ from api.queue_schemas import LogEntry, QueueState
 from settings import Settings
 
 CancelOutcome = Literal["removed", "requested", "completed", "unknown"]
+Priority = Literal["normal", "low"]
 
-CANCELLED_BODY = {"detail": "Request was cancelled"}
+CANCELLED_BODY = {"detail": "Request was cancelled", "error_type": "cancelled"}
 CANCELLED_CODE = 400
 
 
@@ -43,6 +44,7 @@ class NewRequest(BaseModel):
     output_ttl_s: float | None = None  # x-fal-object-lifecycle-preference
     start_timeout_s: float | None = None  # X-Fal-Request-Timeout: how long it may wait before it starts
     retry: bool = True  # False with x-fal-no-retry
+    priority: Priority = "normal"  # X-Fal-Queue-Priority
     base_url: str
     webhook_url: str | None = None
     created_at: float = Field(default_factory=time.time)
@@ -86,8 +88,13 @@ CANCELLED = Completion(code=CANCELLED_CODE, body=CANCELLED_BODY, error="Request 
 
 
 class RequestStore(ABC):
-    def __init__(self, ttl_s: float) -> None:
+    """Priorities: a low-priority request starts only when no normal one waits, unless it has waited
+    `low_priority_max_wait_s`: then it goes ahead of the normal ones submitted after it, so it never
+    starves. Queue positions count normal requests first (the starvation bound aside)."""
+
+    def __init__(self, ttl_s: float, low_priority_max_wait_s: float = 300.0) -> None:
         self.ttl_s = ttl_s
+        self.low_priority_max_wait_s = low_priority_max_wait_s
 
     @abstractmethod
     async def enqueue(self, request: NewRequest, max_pending: int) -> int | None:
@@ -141,8 +148,8 @@ class RequestStore(ABC):
 
 def open_store(settings: Settings) -> RequestStore:
     if settings.redis_url:
-        return RedisRequestStore(settings.redis_url, settings.result_ttl_s)
-    return SqliteRequestStore(settings.queue_db_path, settings.result_ttl_s)
+        return RedisRequestStore(settings.redis_url, settings.result_ttl_s, settings.queue_low_priority_max_wait_s)
+    return SqliteRequestStore(settings.queue_db_path, settings.result_ttl_s, settings.queue_low_priority_max_wait_s)
 
 
 # --------------------------------------------------------------------------- embedded (SQLite)
@@ -158,7 +165,9 @@ CREATE TABLE IF NOT EXISTS requests (
     cancel INTEGER NOT NULL DEFAULT 0,
     completion TEXT,
     expires_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    low INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_status ON requests (status, seq);
 CREATE TABLE IF NOT EXISTS logs (id TEXT NOT NULL, entry TEXT NOT NULL);
@@ -166,11 +175,18 @@ CREATE INDEX IF NOT EXISTS logs_id ON logs (id);
 """
 
 
+_ADDED_COLUMNS = {
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "low": "INTEGER NOT NULL DEFAULT 0",
+    "created": "REAL NOT NULL DEFAULT 0",
+}
+
+
 class SqliteRequestStore(RequestStore):
     """One SQLite file (WAL) shared by the replicas of one node; needs no server."""
 
-    def __init__(self, path: Path, ttl_s: float) -> None:
-        super().__init__(ttl_s)
+    def __init__(self, path: Path, ttl_s: float, low_priority_max_wait_s: float = 300.0) -> None:
+        super().__init__(ttl_s, low_priority_max_wait_s)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._lock = threading.Lock()
@@ -178,8 +194,9 @@ class SqliteRequestStore(RequestStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(requests)")}
-            if "attempts" not in columns:  # a file written before attempts were counted
-                self._db.execute("ALTER TABLE requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+            for column, kind in _ADDED_COLUMNS.items():  # a file written by an earlier version
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE requests ADD COLUMN {column} {kind}")
 
     async def _run(self, fn, *args, write: bool = True):
         def locked():
@@ -202,27 +219,26 @@ class SqliteRequestStore(RequestStore):
             waiting = db.execute("SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE'").fetchone()[0]
             if waiting >= max_pending:
                 return None
-            db.execute(
-                "INSERT INTO requests (id, request, status) VALUES (?, ?, 'IN_QUEUE')",
-                (request.id, request.model_dump_json()),
+            cursor = db.execute(
+                "INSERT INTO requests (id, request, status, low, created) VALUES (?, ?, 'IN_QUEUE', ?, ?)",
+                (request.id, request.model_dump_json(), request.priority == "low", request.created_at),
             )
-            return waiting
+            return self._position(db, cursor.lastrowid, request.priority == "low")
 
         return await self._run(op)
 
     async def get(self, request_id: str) -> RequestRecord | None:
         def op(db: sqlite3.Connection) -> RequestRecord | None:
             row = db.execute(
-                "SELECT seq, request, status, completion, expires_at, attempts FROM requests WHERE id=?", (request_id,)
+                "SELECT seq, request, status, completion, expires_at, attempts, low FROM requests WHERE id=?",
+                (request_id,),
             ).fetchone()
             if row is None or (row[4] is not None and row[4] < time.time()):
                 return None
-            seq, request, status, completion, _, attempts = row
+            seq, request, status, completion, _, attempts, low = row
             record = RequestRecord(**json.loads(request), status=status, attempts=attempts)
             if status == "IN_QUEUE":
-                record.queue_position = db.execute(
-                    "SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE' AND seq<?", (seq,)
-                ).fetchone()[0]
+                record.queue_position = self._position(db, seq, bool(low))
             logs = db.execute("SELECT entry FROM logs WHERE id=? ORDER BY rowid", (request_id,)).fetchall()
             record.logs = [LogEntry.model_validate_json(e) for (e,) in logs]
             if completion is not None:
@@ -233,7 +249,11 @@ class SqliteRequestStore(RequestStore):
 
     async def claim(self, worker: str, lease_s: float) -> RequestRecord | None:
         def op(db: sqlite3.Connection) -> str | None:
-            row = db.execute("SELECT id FROM requests WHERE status='IN_QUEUE' ORDER BY seq LIMIT 1").fetchone()
+            # Normal requests, and low ones that waited past the bound, in submit order; then the rest.
+            row = db.execute(
+                "SELECT id FROM requests WHERE status='IN_QUEUE' ORDER BY (low AND created > ?), seq LIMIT 1",
+                (time.time() - self.low_priority_max_wait_s,),
+            ).fetchone()
             if row is None:
                 return None
             db.execute(
@@ -254,6 +274,12 @@ class SqliteRequestStore(RequestStore):
             return cursor.rowcount == 1
 
         return await self._run(op)
+
+    @staticmethod
+    def _position(db: sqlite3.Connection, seq: int, low: bool) -> int:
+        """Waiting requests ahead of this one: normal ones first, then low ones."""
+        ahead = "low=0 AND seq<?" if not low else "(low=0 OR seq<?)"
+        return db.execute(f"SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE' AND {ahead}", (seq,)).fetchone()[0]
 
     @staticmethod
     def _holds(db: sqlite3.Connection, request_id: str, worker: str) -> bool:
@@ -354,15 +380,29 @@ class SqliteRequestStore(RequestStore):
 
 # --------------------------------------------------------------------------- Redis
 
+# Two waiting lists: KEYS[1] (normal) and KEYS[1]..':low'; a record's 'priority' says which is its.
 _ENQUEUE = """
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
-redis.call('HSET', KEYS[2], 'request', ARGV[3], 'status', 'IN_QUEUE')
+local low = KEYS[1] .. ':low'
+if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', low) >= tonumber(ARGV[2]) then return -1 end
+redis.call('HSET', KEYS[2], 'request', ARGV[3], 'status', 'IN_QUEUE', 'priority', ARGV[4], 'created', ARGV[5])
+if ARGV[4] == 'low' then
+  redis.call('RPUSH', low, ARGV[1])
+  return redis.call('LLEN', KEYS[1]) + redis.call('LLEN', low) - 1
+end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 return redis.call('LLEN', KEYS[1]) - 1
 """
+# ARGV[4]: a low-priority request created before this time has waited long enough to go first.
 _CLAIM = """
+local low = KEYS[1] .. ':low'
 while true do
-  local id = redis.call('LPOP', KEYS[1])
+  local list = KEYS[1]
+  local oldest_low = redis.call('LINDEX', low, 0)
+  if oldest_low then
+    local created = tonumber(redis.call('HGET', ARGV[1] .. 'r:' .. oldest_low, 'created') or '0')
+    if redis.call('LLEN', KEYS[1]) == 0 or created < tonumber(ARGV[4]) then list = low end
+  end
+  local id = redis.call('LPOP', list)
   if not id then return false end
   local rec = ARGV[1] .. 'r:' .. id
   if redis.call('HGET', rec, 'status') == 'IN_QUEUE' then
@@ -405,7 +445,9 @@ if redis.call('HGET', KEYS[3], 'worker') ~= ARGV[2] or redis.call('HGET', KEYS[3
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[3], 'status', 'IN_QUEUE', 'worker', '')
-redis.call('LPUSH', KEYS[1], ARGV[1])
+local list = KEYS[1]
+if redis.call('HGET', KEYS[3], 'priority') == 'low' then list = list .. ':low' end
+redis.call('LPUSH', list, ARGV[1])
 return 1
 """
 _CANCEL = """
@@ -414,6 +456,7 @@ if not status then return 'unknown' end
 if status == 'COMPLETED' then return 'completed' end
 if status == 'IN_QUEUE' then
   redis.call('LREM', KEYS[1], 0, ARGV[1])
+  redis.call('LREM', KEYS[1] .. ':low', 0, ARGV[1])
   redis.call('HSET', KEYS[2], 'status', 'COMPLETED', 'completion', ARGV[2])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
   redis.call('EXPIRE', KEYS[3], ARGV[3])
@@ -430,7 +473,9 @@ for i = #ids, 1, -1 do
   local rec = ARGV[1] .. 'r:' .. id
   if redis.call('HGET', rec, 'status') == 'IN_PROGRESS' then
     redis.call('HSET', rec, 'status', 'IN_QUEUE', 'worker', '')
-    redis.call('LPUSH', KEYS[1], id)
+    local list = KEYS[1]
+    if redis.call('HGET', rec, 'priority') == 'low' then list = list .. ':low' end
+    redis.call('LPUSH', list, id)
   end
 end
 return ids
@@ -442,12 +487,13 @@ class RedisRequestStore(RequestStore):
 
     PREFIX = "srpo:queue:"
 
-    def __init__(self, url: str, ttl_s: float) -> None:
+    def __init__(self, url: str, ttl_s: float, low_priority_max_wait_s: float = 300.0) -> None:
         import redis.asyncio as aioredis  # only deployments that use Redis need the package
 
-        super().__init__(ttl_s)
+        super().__init__(ttl_s, low_priority_max_wait_s)
         self._redis = aioredis.Redis.from_url(url, decode_responses=True)
         self._pending = self.PREFIX + "pending"
+        self._pending_low = self._pending + ":low"  # the scripts derive the same name
         self._running = self.PREFIX + "running"
         self._scripts = {
             name: self._redis.register_script(src)
@@ -468,7 +514,8 @@ class RedisRequestStore(RequestStore):
 
     async def enqueue(self, request: NewRequest, max_pending: int) -> int | None:
         position = await self._scripts["enqueue"](
-            keys=[self._pending, self._rec(request.id)], args=[request.id, max_pending, request.model_dump_json()]
+            keys=[self._pending, self._rec(request.id)],
+            args=[request.id, max_pending, request.model_dump_json(), request.priority, request.created_at],
         )
         return None if position < 0 else int(position)
 
@@ -477,13 +524,17 @@ class RedisRequestStore(RequestStore):
             pipe.hgetall(self._rec(request_id))
             pipe.lrange(self._logs(request_id), 0, -1)
             pipe.lpos(self._pending, request_id)
-            fields, logs, position = await pipe.execute()
+            pipe.lpos(self._pending_low, request_id)
+            pipe.llen(self._pending)
+            fields, logs, position, low_position, normal_waiting = await pipe.execute()
         if not fields.get("request"):
             return None
         record = RequestRecord(**json.loads(fields["request"]), status=fields["status"],
                                attempts=int(fields.get("attempts") or 0))
         record.logs = [LogEntry.model_validate_json(e) for e in logs]
         if record.status == "IN_QUEUE":
+            if low_position is not None:  # behind every normal request (see RequestStore)
+                position = normal_waiting + low_position
             record.queue_position = int(position) if position is not None else 0
         if fields.get("completion"):
             record.set_completion(Completion.model_validate_json(fields["completion"]))
@@ -491,7 +542,8 @@ class RedisRequestStore(RequestStore):
 
     async def claim(self, worker: str, lease_s: float) -> RequestRecord | None:
         claimed = await self._scripts["claim"](
-            keys=[self._pending, self._running], args=[self.PREFIX, worker, time.time() + lease_s]
+            keys=[self._pending, self._running],
+            args=[self.PREFIX, worker, time.time() + lease_s, time.time() - self.low_priority_max_wait_s],
         )
         return await self.get(claimed) if claimed else None
 
@@ -533,7 +585,7 @@ class RedisRequestStore(RequestStore):
         await self._redis.delete(self._rec(request_id), self._logs(request_id))
 
     async def pending(self) -> int:
-        return await self._redis.llen(self._pending)
+        return await self._redis.llen(self._pending) + await self._redis.llen(self._pending_low)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -43,7 +43,8 @@ def parse_input(endpoint: str, data: dict[str, Any]) -> FalInput:
 def error_completion(
     exc: ServiceError, seconds: float | None = None, headers: dict[str, str] | None = None
 ) -> Completion:
-    return Completion(code=exc.status_code, body={"detail": exc.detail}, error=str(exc.detail),
+    return Completion(code=exc.status_code, body={"detail": exc.detail, "error_type": exc.error_type},
+                      error=str(exc.detail),
                       error_type=exc.error_type, inference_time=seconds, headers=headers)
 
 
@@ -226,8 +227,8 @@ class QueueWorker:
             return error_completion(exc, seconds)
         except Exception:
             logger.exception("queued request failed")
-            return Completion(code=500, body={"detail": "Internal server error"}, error="Internal server error",
-                              error_type="internal_error", inference_time=seconds)
+            return Completion(code=500, body={"detail": "Internal server error", "error_type": "internal_error"},
+                              error="Internal server error", error_type="internal_error", inference_time=seconds)
         return Completion(code=200, body=output.model_dump(mode="json"), inference_time=seconds)
 
     async def _flush(self, request_id: str, pending_logs: list[LogEntry]) -> bool:
