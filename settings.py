@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     dtype: DTypeName | None = Field(None, description="Serving dtype; default bfloat16 on GPU, float32 on CPU.")
 
     # --- request limits ---
+    max_body_bytes: int = Field(
+        36 * 1024 * 1024, ge=1024, description="Largest request body: 413 beyond it, before any work. The default "
+        "fits the largest image_url data URI (image_fetch_max_bytes, base64-encoded) plus the other fields.",
+    )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, description="Largest width*height accepted for one image.")
     image_fetch_timeout_s: float = 10.0
     image_fetch_max_bytes: int = 25 * 1024 * 1024

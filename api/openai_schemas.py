@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.schemas import Acceleration, Seed
+from api.schemas import MAX_PROMPT_CHARS, Acceleration, Seed
 
 MODEL_ID = "flux-srpo"
 SIZE_PATTERN = re.compile(r"^(?P<width>\d+)x(?P<height>\d+)$")
@@ -26,7 +26,7 @@ MIN_SIDE = 64
 class _ImageRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    prompt: str = Field(..., min_length=1)
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, description=f"Any value; this server serves {MODEL_ID}.")
     n: int = Field(1, ge=1, le=4, description="Images to generate (at most 4).")
     size: str = Field("auto", description=f"WIDTHxHEIGHT, sides multiples of {SIZE_STEP}; auto = 1024x1024.")

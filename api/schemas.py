@@ -25,6 +25,8 @@ PRIORITY_HEADER = "x-fal-queue-priority"  # normal | low
 RUNNER_HINT_HEADER = "x-fal-runner-hint"  # routing affinity; accepted, best effort
 ERROR_TYPE_HEADER = "x-fal-error-type"  # on every failure, the body's error_type
 DEFAULT_MAX_PIXELS = 1536 * 1536  # per image, unless a deployment sets another cap
+# T5 reads 512 tokens and CLIP 77; far longer text is never read, so refuse it before tokenising.
+MAX_PROMPT_CHARS = 10_000
 
 ImageSizePreset = Literal[
     "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
@@ -55,9 +57,10 @@ Seed = Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED)]
 
 
 class _CommonInput(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # Python's JSON parser accepts NaN
 
-    prompt: str = Field(..., min_length=1, description="The prompt to generate an image from.")
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS,
+                        description="The prompt to generate an image from (the model reads ~512 tokens of it).")
     guidance_scale: float = Field(4.5, ge=1, le=20, description="How closely the image follows the prompt.")
     seed: Seed | None = Field(None, description="Same seed and inputs give the same image; random if unset.")
     sync_mode: bool = Field(False, description="Return images as data URIs and keep no request history.")

@@ -9,19 +9,21 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import logging
 import uuid
 from contextlib import asynccontextmanager
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from api.schemas import ERROR_TYPE_HEADER, REQUEST_ID_HEADER, ImageToImageInput, Output, TextToImageInput
 from server.errors import ServiceError, default_error_type
+from server.body_limit import BodyLimit
 from server.fal_proxy import FalProxyRoute
 from server.headers import FalHeaders
 from server.images import CONTENT_TYPES
@@ -80,13 +82,16 @@ def build_app(
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         if _is_openai(request):  # OpenAI's clients expect 400 and their error shape
             return from_validation_error(exc).response()
-        return await request_validation_exception_handler(request, exc)
+        # FastAPI's own body, but an input of NaN or Infinity is echoed as text (JSON has no such number).
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail, "error_type": exc.error_type}, status_code=exc.status_code)
 
-    # Middleware added later wraps the earlier ones: proxy rewrite > CORS > request id > API key.
+    # Middleware added later wraps the earlier ones: proxy rewrite > CORS > request id > API key > body cap.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
     @app.middleware("http")
     async def api_key(request: Request, call_next):
         if settings.api_keys and not _public(request) and not _key_accepted(request, settings.api_keys):
@@ -165,9 +170,22 @@ def build_app(
     return app
 
 
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
 async def _with_error_type(response: Response) -> Response:
     """fal's contract: every failure names its error_type in the body and in X-Fal-Error-Type."""
-    body = b"".join([chunk async for chunk in response.body_iterator])  # error bodies are small
+    if hasattr(response, "body_iterator"):  # error bodies are small: read them whole
+        body = b"".join([chunk async for chunk in response.body_iterator])
+    else:
+        body = response.body
     headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
     try:
         data = json.loads(body)

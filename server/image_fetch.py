@@ -1,6 +1,7 @@
 """Fetching `image_url` for image-to-image: data URIs and http(s), under size, pixel and time limits.
 
-Every hop, redirects included (followed by hand), passes `outbound.check_destination` first.
+Every hop, redirects included (followed by hand), passes `outbound.check_destination` first and
+then connects to the address that was checked.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def _decode_data_uri(url: str, max_bytes: int) -> bytes:
     return data
 
 
+IMAGE_URL_SETTING = "SRPO_IMAGE_URL_ALLOWED_NETWORKS"
+
+
 async def fetch_image_bytes(url: str, *, max_bytes: int, timeout_s: float, allowed_networks: list[str]) -> bytes:
     """The bytes behind `url`; raises ImageLoadError with a message safe to return to the client."""
     if url.startswith("data:"):
@@ -40,10 +44,10 @@ async def fetch_image_bytes(url: str, *, max_bytes: int, timeout_s: float, allow
         async with asyncio.timeout(timeout_s), httpx.AsyncClient(follow_redirects=False, timeout=timeout_s) as client:
             for _ in range(MAX_REDIRECTS + 1):
                 try:
-                    await check_destination(url, allowed_networks)
+                    destination = await check_destination(url, allowed_networks, IMAGE_URL_SETTING)
                 except BlockedDestination as exc:
                     raise ImageLoadError(str(exc)) from exc
-                async with client.stream("GET", url) as response:
+                async with client.stream("GET", **destination.request_args()) as response:
                     if response.is_redirect:
                         url = urljoin(url, response.headers["location"])
                         continue

@@ -14,6 +14,7 @@ from api.schemas import REQUEST_ID_HEADER, ImageToImageInput, TextToImageInput
 from server.headers import FalHeaders
 from server.outbound import BlockedDestination, check_destination
 from server.queue.store import CANCELLED, NewRequest, RequestRecord
+from server.queue.webhooks import WEBHOOK_SETTING
 from server.queue.worker import QueueWorker
 from server.service import FalInput
 
@@ -50,7 +51,7 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
         worker.service.check(body)  # this deployment's limits: a 422 now, not a failed request later
         if fal_webhook is not None:
             try:
-                await check_destination(fal_webhook, settings.webhook_allowed_networks)
+                await check_destination(fal_webhook, settings.webhook_allowed_networks, WEBHOOK_SETTING)
             except BlockedDestination as exc:
                 raise HTTPException(422, [{"loc": ["query", "fal_webhook"], "msg": str(exc),
                                            "type": "value_error", "input": fal_webhook}]) from exc

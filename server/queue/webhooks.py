@@ -13,11 +13,13 @@ from settings import Settings
 
 logger = logging.getLogger(__name__)
 
+WEBHOOK_SETTING = "SRPO_WEBHOOK_ALLOWED_NETWORKS"
+
 
 async def deliver_webhook(url: str, body: WebhookBody, settings: Settings) -> bool:
     """POST `body` to `url`; True once the receiver answered 2xx. Errors are logged, not raised."""
     try:
-        await check_destination(url, settings.webhook_allowed_networks)
+        destination = await check_destination(url, settings.webhook_allowed_networks, WEBHOOK_SETTING)
     except BlockedDestination as exc:
         logger.warning("webhook for %s not sent: %s", body.request_id, exc)
         return False
@@ -26,8 +28,9 @@ async def deliver_webhook(url: str, body: WebhookBody, settings: Settings) -> bo
             if attempt:
                 await asyncio.sleep(2 ** (attempt - 1))
             try:
-                response = await client.post(url, content=body.model_dump_json(),
-                                             headers={"content-type": "application/json"})
+                pinned = destination.request_args()  # to the checked address only
+                pinned["headers"]["content-type"] = "application/json"
+                response = await client.post(content=body.model_dump_json(), **pinned)
             except httpx.HTTPError as exc:
                 logger.warning("webhook for %s, attempt %d: %s", body.request_id, attempt + 1, type(exc).__name__)
                 continue
