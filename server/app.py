@@ -210,8 +210,9 @@ def _is_openai(request: Request) -> bool:
 
 
 def _key_accepted(request: Request, keys: list[str]) -> bool:
-    """fal's `Authorization: Key <key>` or OpenAI's `Authorization: Bearer <key>`, on every route."""
+    """fal's `Authorization: Key <key>`; on the OpenAI routes also OpenAI's `Bearer <key>`."""
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() not in ("key", "bearer") or not given:
+    schemes = ("key", "bearer") if _is_openai(request) else ("key",)
+    if scheme.lower() not in schemes or not given:
         return False
     return any(hmac.compare_digest(given.strip().encode(), key.encode()) for key in keys)
