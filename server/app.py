@@ -82,7 +82,8 @@ def build_app(
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         if _is_openai(request):  # OpenAI's clients expect 400 and their error shape
             return from_validation_error(exc).response()
-        # FastAPI's own body, but an input of NaN or Infinity is echoed as text (JSON has no such number).
+        # FastAPI's own body, but an input of NaN or Infinity is echoed as text (JSON has no such number)
+        # and a long one is cut, so a 20 MB prompt is not sent back.
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(ServiceError)
@@ -170,9 +171,14 @@ def build_app(
     return app
 
 
+ECHO_MAX_CHARS = 200
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str) and len(value) > ECHO_MAX_CHARS:
+        return value[:ECHO_MAX_CHARS] + "..."
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     if isinstance(value, dict):
