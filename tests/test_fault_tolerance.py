@@ -143,7 +143,8 @@ def test_health_stays_ready_under_load_and_a_failing_check_replaces_the_replica(
             began = time.monotonic()
             assert client.get("/health").status_code == 200
             assert client.get("/livez").json() == {"status": "alive"}
-            assert time.monotonic() - began < 1.0
+            # Never queued behind the 8 denoising requests (seconds each); a generous bound for a loaded CI machine.
+            assert time.monotonic() - began < 5.0
         (before,) = replica_names("Denoiser")
         serve.get_deployment_handle("Denoiser", APP_NAME).inject_fault.remote("chaos test").result()
         outputs = []
@@ -151,8 +152,8 @@ def test_health_stays_ready_under_load_and_a_failing_check_replaces_the_replica(
             status = wait_status(client, request_id, lambda b: b["status"] == "COMPLETED", timeout_s=180)
             assert "error" not in status, (status.get("error_type"), status.get("error"), logs_of(client, request_id))
             outputs.append(client.get(f"{REQUESTS}/{request_id}").json())
-        wait_until(lambda: replica_names("Denoiser") not in ([], [before]), 60, "the unhealthy replica's replacement")
+        wait_until(lambda: replica_names("Denoiser") not in ([], [before]), 120, "the unhealthy replica's replacement")
         for i, output in enumerate(outputs):
             assert_same_pixels(pixels(output["images"][0]["url"], client),
                                expected(reference, body(stage, i, steps=30)))
-        wait_until(lambda: client.get("/health").status_code == 200, 60, "readiness after the replacement")
+        wait_until(lambda: client.get("/health").status_code == 200, 120, "readiness after the replacement")
