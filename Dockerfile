@@ -16,6 +16,7 @@ COPY --chown=ray:users pyproject.toml README.md settings.py cli.py ./
 COPY --chown=ray:users api ./api
 COPY --chown=ray:users models ./models
 COPY --chown=ray:users safety ./safety
+COPY --chown=ray:users scheduling ./scheduling
 COPY --chown=ray:users server ./server
 COPY --chown=ray:users deployments ./deployments
 # Ray is already in the image at the pinned version, torch above: this adds the rest and the project.

@@ -114,6 +114,11 @@ class Settings(BaseSettings):
         default_factory=list, description="Non-public networks fal_webhook may reach anyway (JSON list)."
     )
 
+    cost_profile: Path | None = Field(
+        None, description="Step-time profile the Denoiser's scheduler plans with (scheduling/cost_model.py); "
+        "default: the shipped one for the device (scheduling/profiles/h100.json on CUDA, cpu-tiny.json on CPU).",
+    )
+
     fault_injection: bool = Field(
         False, description="Chaos tests only: lets a stage's inject_fault() make its replica fail health checks."
     )

@@ -33,7 +33,7 @@ from settings import get_settings
 
 RESULTS_DIR = Path("benchmarks/results")
 PEAK_BF16_TFLOPS = 790.0  # dense bf16 an H100 sustains on large matmuls (the project's planning figure)
-TEXT_TOKENS = 512
+from scheduling.cost_model import TEXT_TOKENS
 
 
 def model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -37,6 +37,9 @@ class AppArgs(BaseModel):
     denoise_compile_cache_dir: str | None = Field(
         None, description="Persistent inductor cache; TORCHINDUCTOR_CACHE_DIR wins when set."
     )
+    denoise_policy: Literal["cost", "cobatch", "fcfs", "request"] = Field(
+        "cost", description="The Denoiser's scheduling policy (scheduling/policy.py); the others are for comparison."
+    )
     deployment_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-deployment .options() overrides (tests, scripted deploys)."
     )
@@ -56,6 +59,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
             args.denoise_warmup_sizes,
             args.denoise_warmup_batch_sizes,
             args.denoise_compile_cache_dir,
+            args.denoise_policy,
         ),
         opts(Decoder).bind(args.decode_batch_size, args.decode_batch_wait_s),
     )

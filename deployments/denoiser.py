@@ -8,6 +8,7 @@ reports ready, so no request waits for a compile. The batching itself is models/
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import AsyncIterator, Sequence
 import torch
 from ray import serve
 
+from deployments.denoise_router import LeastWorkRouter
 from deployments.runtime import ReplicaHealth, StageRuntime
 from models.acceleration import MODES, WARMUP_BATCH_SIZES, WARMUP_SIZES, Accelerator
 from models.denoise import start_state
@@ -23,6 +25,9 @@ from models.engine import DenoiseEngine
 from models.loading import load_scheduler_config, load_transformer
 from models.request import GenerationRequest
 from models.text_encoding import PromptEmbedding
+from scheduling.cost_model import CostModel, default_profile_path
+from scheduling.dispatch import replica_load
+from scheduling.policy import make_policy
 
 
 @dataclass
@@ -41,7 +46,16 @@ class DenoiseUpdate:
 PROGRESS_INTERVAL_S = 0.1
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.5},
+    max_ongoing_requests=32,
+    request_router_config=serve.config.RequestRouterConfig(
+        request_router_class=LeastWorkRouter,
+        request_routing_stats_period_s=0.5,
+        initial_backoff_s=0.01,
+        max_backoff_s=0.05,  # a waiting request looks again at least this often
+    ),
+)
 class Denoiser(ReplicaHealth):
     def __init__(
         self,
@@ -50,6 +64,7 @@ class Denoiser(ReplicaHealth):
         warmup_sizes: Sequence[tuple[int, int]] = WARMUP_SIZES,
         warmup_batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES,
         compile_cache_dir: str | None = None,
+        policy: str = "cost",
     ) -> None:
         self.runtime = StageRuntime("denoiser")
         paths = self.runtime.paths
@@ -59,7 +74,14 @@ class Denoiser(ReplicaHealth):
         )
         cache_dir = Path(compile_cache_dir) if compile_cache_dir else None
         self.accelerator = Accelerator(self.transformer, acceleration_modes, compile_cache_dir=cache_dir)
-        self.engine = DenoiseEngine(self.transformer, max_batch_tokens, modules=self.accelerator.modules)
+        self.cost_profile = self.runtime.settings.cost_profile or default_profile_path(self.runtime.device.type)
+        self.cost = CostModel.load(self.cost_profile)
+        self.engine = DenoiseEngine(
+            self.transformer,
+            max_batch_tokens,
+            modules=self.accelerator.modules,
+            policy=make_policy(policy, self.cost, max_batch_tokens),
+        )
         self.accelerator.warm_up(self.scheduler_config, self.runtime.dtype, warmup_sizes, warmup_batch_sizes)
 
     async def denoise(
@@ -111,7 +133,13 @@ class Denoiser(ReplicaHealth):
             "batch_sizes": dict(self.engine.batch_sizes),
             "active": self.engine.active,
             "acceleration_modes": sorted(self.accelerator.modules),
+            "policy": self.engine.policy.name,
         }
+
+    def record_routing_stats(self) -> dict:
+        """What LeastWorkRouter reads (Serve polls it): estimated backlog and admission horizon."""
+        load = replica_load(self.cost, self.engine.policy, self.engine.views(), self.engine.clock())
+        return {"load": dataclasses.asdict(load), "at_s": time.time(), "cost_profile": str(self.cost_profile)}
 
     async def check_health(self) -> None:
         if (failure := self.engine.failure) is not None:

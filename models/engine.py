@@ -1,20 +1,11 @@
-"""Step-level batching of denoising requests (no Ray).
+"""Step-level batching of denoising requests: the mechanism (no Ray).
 
-Before every transformer forward the engine picks which active requests run. One forward can
-carry only one image size (the samples share position ids) and one module (an acceleration mode
-may run compiled or fp8 blocks), so requests are grouped by (resolution, acceleration mode).
-
-Policy "step" (the default, continuous batching): the oldest active request always runs and
-fixes the forward's group; younger requests of that group join in arrival order while the
-token budget allows (the oldest runs even if it alone exceeds it). A new request joins at the
-next step and a finished or cancelled one leaves at once. No starvation: a request of another
-group waits only while an older request is active, and every request has finitely many steps,
-so each one becomes the oldest and runs; its wait is bounded by the older requests' remaining
-steps, never by later arrivals.
-
-Policy "request" (request-level batching, for comparison in benchmarks only): the same rule
-forms a batch, which then runs until all of its members have finished or left; only then is
-the next batch formed. Later arrivals wait for the whole batch, as with `@serve.batch`.
+Before every transformer forward the engine asks its policy (scheduling/policy.py) which active
+requests run; the policy sees only `Active` records, so it is tested and simulated without a
+model. One forward carries one image size (the samples share position ids) and one module (an
+acceleration mode may run compiled or fp8 blocks): the policy picks within one group. A new
+request can join at the next forward; a finished or cancelled one leaves at once. Pixels never
+depend on the policy: every sample follows its own schedule whatever shares its forward.
 
 The forward runs in a worker thread so the caller's event loop stays responsive. A caller
 cancels by cancelling its future: the request leaves before the next forward.
@@ -26,38 +17,44 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Callable, Literal
+from dataclasses import dataclass
+from typing import Callable
 
 from diffusers import FluxTransformer2DModel
 
 from models.denoise import DenoiseState, denoise_step
+from scheduling.policy import Active, CoBatch, Policy
 
 logger = logging.getLogger(__name__)
 
-TEXT_TOKENS = 512
 
 StepHook = Callable[[int, int], None]  # (steps done, steps in the request's schedule)
-Policy = Literal["step", "request"]
 
 
-def tokens_per_sample(state: DenoiseState) -> int:
-    return state.latents.shape[1] + TEXT_TOKENS
-
-
-@dataclass(order=True)
+@dataclass
 class _Job:
     order: int
-    state: DenoiseState = field(compare=False)
-    future: asyncio.Future = field(compare=False)
-    on_step: StepHook | None = field(compare=False, default=None)
-    mode: str = field(compare=False, default="none")
+    arrived_s: float
+    state: DenoiseState
+    future: asyncio.Future
+    on_step: StepHook | None = None
+    mode: str = "none"
 
-    @property
-    def group(self) -> tuple[tuple[int, int], str]:
-        return self.state.resolution, self.mode
+    def view(self) -> Active:
+        state = self.state
+        return Active(
+            key=self.order,
+            arrived_s=self.arrived_s,
+            group=(state.resolution, self.mode),
+            image_tokens=state.latents.shape[1],
+            samples=state.num_samples,
+            mode=self.mode,
+            remaining_steps=state.schedule.num_steps - state.step,
+            total_steps=state.schedule.num_steps,
+        )
 
 
 class DenoiseEngine:
@@ -67,17 +64,19 @@ class DenoiseEngine:
         max_batch_tokens: int,
         *,
         modules: Mapping[str, FluxTransformer2DModel] | None = None,
-        policy: Policy = "step",
+        policy: Policy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`modules` maps acceleration modes to the module each runs; "none" is `transformer`."""
-        if policy not in ("step", "request"):
-            raise ValueError(f"unknown batching policy {policy!r}")
+        """`modules` maps acceleration modes to the module each runs; "none" is `transformer`.
+
+        `policy` defaults to co-batching in arrival order within `max_batch_tokens`.
+        """
         self.transformer = transformer
         self.modules = {**(modules or {}), "none": transformer}
         self.max_batch_tokens = max_batch_tokens
-        self.policy = policy
+        self.policy = policy or CoBatch(max_batch_tokens)
+        self.clock = clock
         self._jobs: list[_Job] = []
-        self._batch: list[_Job] = []  # policy "request": the batch that runs until its members leave
         self._counter = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -106,7 +105,9 @@ class DenoiseEngine:
             self._wake = asyncio.Event()  # a fresh loop (e.g. a second asyncio.run) needs its own event
             self._task = asyncio.get_running_loop().create_task(self._run())
         future = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(next(self._counter), state, future, on_step, mode))
+        job = _Job(next(self._counter), self.clock(), state, future, on_step, mode)
+        self._jobs.append(job)
+        self.policy.admitted(job.view(), job.arrived_s)
         self._wake.set()
         return future
 
@@ -117,26 +118,17 @@ class DenoiseEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def views(self) -> list[Active]:
+        """The active requests as the policy sees them."""
+        return [j.view() for j in self._jobs if not j.future.done()]
+
     def _pick(self) -> list[_Job]:
         self._jobs = [j for j in self._jobs if not j.future.done()]  # cancelled by the caller
-        if self.policy == "request":
-            self._batch = [j for j in self._batch if not j.future.done()]
-            if self._batch:
-                return self._batch
-        if not self._jobs:
-            return []
-        group = min(self._jobs).group
-        chosen, used = [], 0
-        for job in sorted(self._jobs):
-            if job.group != group:
-                continue
-            cost = tokens_per_sample(job.state) * job.state.num_samples
-            if chosen and used + cost > self.max_batch_tokens:
-                continue
-            chosen.append(job)
-            used += cost
-        self._batch = chosen
-        return chosen
+        by_key = {j.order: j for j in self._jobs}
+        chosen = self.policy.pick([j.view() for j in self._jobs], self.clock())
+        if len({a.group for a in chosen}) > 1:
+            raise RuntimeError(f"policy {self.policy.name!r} mixed groups in one forward")
+        return [by_key[a.key] for a in chosen]
 
     async def _run(self) -> None:
         while True:

@@ -16,6 +16,8 @@ from models.denoise import DenoiseState, start_state
 from models.engine import DenoiseEngine
 from models.pipeline import SRPOPipeline
 from models.request import GenerationRequest
+from scheduling.cost_model import CostModel, default_profile_path
+from scheduling.policy import POLICIES, Policy, make_policy
 from tests.conftest import CPU
 
 SIZES = [(128, 128), (192, 128), (128, 192)]  # (width, height)
@@ -126,13 +128,17 @@ def assert_same_as_alone(pipe: SRPOPipeline, arrival: Arrival, latents: torch.Te
     assert diff <= 1
 
 
-def make_engine(pipe: SRPOPipeline, log: list, policy: str = "step") -> DenoiseEngine:
+def make_policy_for(name: str, budget: int) -> Policy:
+    return make_policy(name, CostModel.load(default_profile_path("cpu")), budget)
+
+
+def make_engine(pipe: SRPOPipeline, log: list, policy: str) -> DenoiseEngine:
     budget = 4 * (64 + 512)  # four 128x128 samples: forces the budget rule to split groups
     return DenoiseEngine(Recorder(pipe.transformer, "none", log), budget,
-                         modules={"alt": Recorder(pipe.transformer, "alt", log)}, policy=policy)
+                         modules={"alt": Recorder(pipe.transformer, "alt", log)}, policy=make_policy_for(policy, budget))
 
 
-@pytest.mark.parametrize("policy", ["step", "request"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_random_arrivals_mixed_requests_and_a_cancel_match_running_alone(pipe, policy):
     log: list = []
     engine = make_engine(pipe, log, policy)
@@ -150,7 +156,8 @@ def test_random_arrivals_mixed_requests_and_a_cancel_match_running_alone(pipe, p
             assert_same_as_alone(pipe, arrival, futures[arrival.index].result())
     expected = sum(a.state.step * a.state.num_samples for a in arrivals)
     assert sum(k * v for k, v in engine.batch_sizes.items()) == expected == sum(n for _, n, _ in log)
-    assert max(engine.batch_sizes) > 1  # requests did share forwards
+    if policy != "fcfs":
+        assert max(engine.batch_sizes) > 1  # requests did share forwards
     assert all(n * (tokens + 512) <= engine.max_batch_tokens for _, n, tokens in log)  # every request fits
 
 
@@ -159,14 +166,14 @@ def _request(seed: int, steps: int, width: int = 128, height: int = 128) -> Gene
                              guidance_scale=3.5, seed=seed)
 
 
-@pytest.mark.parametrize("policy", ["step", "request"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_a_request_joins_at_the_next_step_or_waits_for_the_batch(pipe, policy):
     first = engine_state(pipe, _request(1, 6))
     second = engine_state(pipe, _request(2, 3))
     seen_first_at_join: list[int] = []
 
     async def scenario():
-        engine = DenoiseEngine(pipe.transformer, 16384, policy=policy)
+        engine = DenoiseEngine(pipe.transformer, 16384, policy=make_policy_for(policy, 16384))
         futures = []
 
         def on_first(done: int, total: int) -> None:
@@ -183,9 +190,11 @@ def test_a_request_joins_at_the_next_step_or_waits_for_the_batch(pipe, policy):
         return [f.result() for f in futures]
 
     latents = asyncio.run(scenario())
-    # Step-level: the second request's first step shares the first's third forward.
-    # Request-level: it waits until the first request's batch has run to completion.
-    assert seen_first_at_join == ([3] if policy == "step" else [6])
+    # Co-batching: the second request's first step shares the first's third forward. Request-level
+    # and one-at-a-time: it waits until the first request is done. Cost-aware: the second has less
+    # left (3 steps against 4), so it runs at the next forward, with or without the first.
+    expected = {"cobatch": [3], "request": [6], "fcfs": [6], "cost": [2, 3]}[policy]
+    assert len(seen_first_at_join) == 1 and seen_first_at_join[0] in expected
     for request, result in zip([_request(1, 6), _request(2, 3)], latents):
         torch.testing.assert_close(result, alone(pipe, request).latents, rtol=0, atol=1e-5)
 

@@ -1,0 +1,95 @@
+"""Which Denoiser replica gets a request, and when (no Ray): work waits in front of the replicas.
+
+A replica takes a request only while its estimated remaining work is within the horizon its
+policy sets (about one forward, or room for a batch when batching pays); among those, the one with
+the least remaining work gets it. Otherwise the request keeps waiting in front (in Ray Serve's
+router or the request store), where any replica that frees up can take it. The Serve request
+router (deployments/denoise_router.py) and the simulator (benchmarks/simulate.py) both use this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from scheduling.cost_model import CostModel
+from scheduling.policy import Active, Policy, Waiting
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    backlog_s: float  # estimated remaining work of what it holds
+    horizon_s: float  # it takes more while backlog_s is at most this
+    # With at least `wide_after` requests per replica waiting in front, batching pays and the
+    # horizon widens to `wide_horizon_s` (a router knows its queue; the replica does not).
+    wide_horizon_s: float | None = None
+    wide_after: float | None = None
+
+    def horizon_for(self, waiting_per_replica: float) -> float:
+        if self.wide_after is not None and waiting_per_replica >= self.wide_after:
+            return self.wide_horizon_s
+        return self.horizon_s
+
+
+def replica_load(cost: CostModel, policy: Policy, active: Sequence[Active], now_s: float) -> ReplicaLoad:
+    """What a replica reports to the routers: its backlog, its horizon, and from what queue it widens."""
+    base = policy.horizon_s(active, now_s)
+    backlog = backlog_s(cost, active)
+    for waiting in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        wide = policy.horizon_s(active, now_s, Waiting(requests=waiting))
+        if wide > base:
+            return ReplicaLoad(backlog, base, wide, waiting)
+    return ReplicaLoad(backlog, base)
+
+
+def backlog_s(cost: CostModel, active: Iterable[Active]) -> float:
+    """A replica's estimated remaining work: each request's remaining steps, run alone."""
+    return sum(a.remaining_steps * cost.step_s(a.image_tokens, a.samples, a.mode) for a in active)
+
+
+def choose_replica(loads: Mapping[Key, ReplicaLoad]) -> Key | None:
+    """The replica with the least backlog among those that admit; None: keep waiting in front."""
+    open_ = [(load.backlog_s, i, key) for i, (key, load) in enumerate(loads.items()) if load.backlog_s <= load.horizon_s]
+    return min(open_)[2] if open_ else None
+
+
+@dataclass
+class BacklogLedger:
+    """A router's view of each replica's backlog between the replica's own periodic reports.
+
+    backlog = what the replica last reported, run down by the time since, plus the estimated work
+    of every request this router sent it after that report and that has not completed (what it sent
+    before, the report counts).
+    """
+
+    default_horizon_s: float
+    _reports: dict[Hashable, tuple[float, ReplicaLoad]] = field(default_factory=dict)
+    _sent: dict[Hashable, dict[str, tuple[float, float]]] = field(default_factory=dict)  # id -> (sent at, work)
+
+    def report(self, replica: Hashable, load: ReplicaLoad, at_s: float) -> None:
+        previous = self._reports.get(replica)
+        if previous is None or at_s > previous[0]:
+            self._reports[replica] = (at_s, load)
+            sent = self._sent.get(replica, {})
+            for request_id in [r for r, (sent_at, _) in sent.items() if sent_at < at_s]:
+                del sent[request_id]  # the report counts it
+
+    def sent(self, replica: Hashable, request_id: str, work_s: float, now_s: float) -> None:
+        self._sent.setdefault(replica, {})[request_id] = (now_s, work_s)
+
+    def completed(self, replica: Hashable, request_id: str) -> None:
+        self._sent.get(replica, {}).pop(request_id, None)
+
+    def forget(self, replica: Hashable) -> None:
+        self._reports.pop(replica, None)
+        self._sent.pop(replica, None)
+
+    def load(self, replica: Hashable, now_s: float) -> ReplicaLoad:
+        at_s, reported = self._reports.get(replica, (float("-inf"), ReplicaLoad(0.0, self.default_horizon_s)))
+        since = sum(work for _, work in self._sent.get(replica, {}).values())
+        backlog = max(0.0, reported.backlog_s - (now_s - at_s)) if reported.backlog_s else 0.0
+        return dataclasses.replace(reported, backlog_s=backlog + since)

@@ -1,0 +1,244 @@
+"""The Denoiser's scheduling policy: which active requests share the next forward (no torch, no Ray).
+
+The engine (models/engine.py) describes its active requests as `Active` records and runs what
+`pick` returns; the policies never touch tensors, so they run unchanged in the simulator
+(benchmarks/simulate.py) and in the tests on a virtual clock.
+
+- `CostAware` ("cost", the default): shortest remaining work first, every request's wait bounded,
+  and a request joins a batch only when the cost model says that lowers completion times.
+- `CoBatch` ("cobatch"): the oldest request's group, filled in arrival order up to the token budget.
+- `OneAtATime` ("fcfs"): the oldest request alone.
+- `RequestLevel` ("request"): `CoBatch`'s batch, run until all its members leave (like `@serve.batch`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from scheduling.cost_model import TEXT_TOKENS, CostModel
+
+
+@dataclass(frozen=True)
+class Active:
+    """What a policy knows of one active request."""
+
+    key: int  # unique, increasing with arrival
+    arrived_s: float
+    group: Hashable  # requests of one group can share a forward (same resolution and module)
+    image_tokens: int  # per sample
+    samples: int
+    mode: str
+    remaining_steps: int
+    total_steps: int
+
+    @property
+    def tokens(self) -> int:
+        return self.samples * (self.image_tokens + TEXT_TOKENS)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Work queued in front of this replica (its share), as far as the caller knows."""
+
+    requests: float = 0.0
+    work_s: float = 0.0
+    replicas: int = 1  # how many replicas share the queue in front
+
+
+class Policy(Protocol):
+    name: str
+
+    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> list[Active]:
+        """The requests of the next forward: one group, never empty if `active` is not."""
+
+    def admitted(self, request: Active, now_s: float) -> None:
+        """A request entered this replica (feeds load estimates)."""
+
+    def horizon_s(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> float:
+        """Admit more work while the replica's estimated remaining work is at most this."""
+
+
+def _fill(head: Active, candidates: Sequence[Active], max_tokens: int) -> list[Active]:
+    """`head` plus the candidates of its group, in the given order, while the token budget allows."""
+    chosen, used = [head], head.tokens
+    for a in candidates:
+        if a is not head and a.group == head.group and used + a.tokens <= max_tokens:
+            chosen.append(a)
+            used += a.tokens
+    return chosen
+
+
+class _Simple:
+    """What the fixed policies share: no load estimate, admit only when idle."""
+
+    name = ""
+
+    def __init__(self, max_batch_tokens: int) -> None:
+        self.max_batch_tokens = max_batch_tokens
+
+    def admitted(self, request: Active, now_s: float) -> None:
+        pass
+
+    def horizon_s(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> float:
+        return 0.0
+
+
+class CoBatch(_Simple):
+    name = "cobatch"
+
+    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> list[Active]:
+        if not active:
+            return []
+        ordered = sorted(active, key=lambda a: a.key)
+        return _fill(ordered[0], ordered, self.max_batch_tokens)
+
+
+class OneAtATime(_Simple):
+    name = "fcfs"
+
+    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> list[Active]:
+        return [min(active, key=lambda a: a.key)] if active else []
+
+
+class RequestLevel(CoBatch):
+    name = "request"
+
+    def __init__(self, max_batch_tokens: int) -> None:
+        super().__init__(max_batch_tokens)
+        self._batch: set[int] = set()
+
+    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> list[Active]:
+        still = [a for a in active if a.key in self._batch]
+        batch = still or super().pick(active, now_s)
+        self._batch = {a.key for a in batch}
+        return batch
+
+
+class LoadEstimate:
+    """Arrival rate and offered load (work per second) over a sliding window of admissions."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._seen: deque[tuple[float, float]] = deque()  # (time, work alone in seconds)
+
+    def add(self, now_s: float, work_s: float) -> None:
+        self._seen.append((now_s, work_s))
+
+    def rates(self, now_s: float) -> tuple[float, float]:
+        """(requests per second, utilisation); before a full window the idle start counts too."""
+        while self._seen and self._seen[0][0] < now_s - self.window_s:
+            self._seen.popleft()
+        return len(self._seen) / self.window_s, sum(w for _, w in self._seen) / self.window_s
+
+
+class CostAware:
+    """Shortest remaining work first; bounded waits; batches only where the cost model says it pays.
+
+    Order: a request whose wait exceeds `wait_factor` times its unloaded time plus `wait_slack_s`
+    is overdue, and overdue requests go first, oldest first; the rest go by least remaining work
+    alone. So a request waits for later arrivals only until it is overdue, then only for older
+    overdue requests: no starvation.
+
+    Batching: adding request m to batch B saves s = c(B) + c(m) - c(B+m) of device time (c: one
+    forward's cost) and delays B's members by c(B+m) - c(B) each. The saving reaches m and every
+    request that completes after this forward: the other active ones, those waiting in front, and
+    the arrivals expected before the backlog clears (lambda * W / (1 - rho) for arrival rate
+    lambda, load rho and backlog W). m joins when s * (1 + behind) > |B| * (c(B+m) - c(B)).
+    Compute-bound sizes save a few percent, so they batch only near saturation; small images save
+    more and batch sooner.
+    """
+
+    name = "cost"
+
+    def __init__(
+        self,
+        cost: CostModel,
+        max_batch_tokens: int,
+        *,
+        wait_factor: float = 4.0,
+        wait_slack_s: float = 30.0,
+        window_s: float = 300.0,
+        max_load: float = 0.98,
+    ) -> None:
+        self.cost = cost
+        self.max_batch_tokens = max_batch_tokens
+        self.wait_factor = wait_factor
+        self.wait_slack_s = wait_slack_s
+        self.max_load = max_load
+        self.load = LoadEstimate(window_s)
+
+    def step_s(self, a: Active) -> float:
+        return self.cost.step_s(a.image_tokens, a.samples, a.mode)
+
+    def remaining_s(self, a: Active) -> float:
+        return a.remaining_steps * self.step_s(a)
+
+    def wait_bound_s(self, a: Active) -> float:
+        return self.wait_factor * a.total_steps * self.step_s(a) + self.wait_slack_s
+
+    def order(self, active: Sequence[Active], now_s: float) -> list[Active]:
+        def key(a: Active) -> tuple:
+            overdue = now_s - a.arrived_s > self.wait_bound_s(a)
+            return (0, a.key) if overdue else (1, self.remaining_s(a), a.key)
+
+        return sorted(active, key=key)
+
+    def admitted(self, request: Active, now_s: float) -> None:
+        self.load.add(now_s, self.remaining_s(request))
+
+    def behind(self, active: Sequence[Active], batch_size: int, now_s: float, waiting: Waiting) -> float:
+        """Requests expected to complete after the next forward, besides the batch's."""
+        rate, load = self.load.rates(now_s)
+        backlog_s = sum(self.remaining_s(a) for a in active) + waiting.work_s
+        arrivals = rate * backlog_s / (1 - min(load, self.max_load))
+        return len(active) - batch_size + waiting.requests + arrivals / waiting.replicas
+
+    def _joins(self, batch: list[Active], m: Active, behind: float) -> bool:
+        head = batch[0]
+        samples = sum(a.samples for a in batch)
+        alone = self.cost.step_s(head.image_tokens, samples, head.mode)
+        together = self.cost.step_s(head.image_tokens, samples + m.samples, head.mode)
+        saving = alone + self.step_s(m) - together
+        return saving * (1 + behind) > len(batch) * (together - alone)
+
+    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> list[Active]:
+        if not active:
+            return []
+        ordered = self.order(active, now_s)
+        batch = [ordered[0]]
+        used = batch[0].tokens
+        for m in ordered[1:]:
+            if m.group != batch[0].group or used + m.tokens > self.max_batch_tokens:
+                continue
+            if not self._joins(batch, m, self.behind(active, len(batch) + 1, now_s, waiting)):
+                break  # later candidates have more remaining work: they would gain no more
+            batch.append(m)
+            used += m.tokens
+        return batch
+
+    def horizon_s(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> float:
+        """One forward's worth, so the next request is there when this one ends; room for a batch
+        when one more request like the head would join it."""
+        if not active:
+            return 0.0
+        head = self.order(active, now_s)[0]
+        if not self._joins([head], head, self.behind(active, 2, now_s, waiting)):
+            return self.step_s(head)
+        fits = max(1, self.max_batch_tokens // head.tokens)
+        return (fits - 1) * head.total_steps * self.step_s(head)
+
+
+def make_policy(name: str, cost: CostModel, max_batch_tokens: int, **options: float) -> Policy:
+    """`options` tune the cost-aware policy (CostAware's keyword arguments)."""
+    if name == "cost":
+        return CostAware(cost, max_batch_tokens, **options)
+    simple = {p.name: p for p in (CoBatch, OneAtATime, RequestLevel)}
+    if name not in simple:
+        raise ValueError(f"unknown scheduling policy {name!r}; choose from cost, {', '.join(simple)}")
+    return simple[name](max_batch_tokens)
+
+
+POLICIES = ("cost", "cobatch", "fcfs", "request")

@@ -1,0 +1,126 @@
+"""The scheduling policy, cost model and dispatch rule alone: no model, no Ray, a virtual clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from benchmarks.simulate import Job, simulate
+from scheduling.cost_model import PROFILES, CostModel, Profile, ProfilePoint
+from scheduling.dispatch import BacklogLedger, ReplicaLoad, choose_replica
+from scheduling.policy import Active, CostAware, Waiting
+
+H100 = CostModel.load(PROFILES / "h100.json")
+
+
+def active(key: int, *, tokens: int = 3072, remaining: int = 28, total: int = 28, arrived: float = 0.0,
+           samples: int = 1, size: tuple[int, int] = (768, 1024)) -> Active:
+    return Active(key, arrived, (size, "none"), tokens, samples, "none", remaining, total)
+
+
+def flat_profile(batch_cost: dict[int, float]) -> CostModel:
+    """A one-size profile whose forward of `b` samples costs batch_cost[b] ms."""
+    points = [ProfilePoint(image_tokens=3072, batch=b, step_ms=ms) for b, ms in batch_cost.items()]
+    return CostModel(Profile(device="test", date="2026-11-25", command="test", attention_tokens=18432,
+                             modes={"none": points}))
+
+
+def test_the_cost_model_returns_measured_points_and_interpolates_between_them():
+    assert H100.step_s(3072, 1) == pytest.approx(0.143)
+    assert H100.step_s(3072, 4) == pytest.approx(0.554)
+    assert H100.step_s(3072, 2) == pytest.approx(0.282)
+    assert 0.282 < H100.step_s(3072, 3) < 0.554
+    assert H100.step_s(1024, 1) < H100.step_s(2304, 1) < H100.step_s(3072, 1) < H100.step_s(4096, 1)
+    assert H100.step_s(3072, 1, "high") < H100.step_s(3072, 1, "regular") < H100.step_s(3072, 1)
+    assert H100.step_s(3072, 1, "unprofiled") == H100.step_s(3072, 1)  # falls back to 'none'
+    assert H100.step_s(4096, 8) > 2 * H100.step_s(4096, 4) * 0.95  # extrapolates past the largest batch
+
+
+def test_a_profile_must_be_well_formed(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"device": "x", "date": "x", "command": "x", "attention_tokens": 1,
+                               "modes": {"none": [{"image_tokens": 3072, "batch": 0, "step_ms": 1}]}}))
+    with pytest.raises(ValidationError, match="batch"):
+        CostModel.load(bad)
+    with pytest.raises(ValueError, match="'none'"):
+        CostModel(Profile(device="x", date="x", command="x", attention_tokens=1, modes={}))
+
+
+def test_batching_follows_the_cost_model():
+    requests = [active(i) for i in range(4)]
+    # A forward of 2 costs as much as two forwards of 1: nothing to gain, never batch, however long the queue.
+    no_gain = CostAware(flat_profile({1: 100, 2: 200, 4: 400}), 16384)
+    assert len(no_gain.pick(requests, 0.0, Waiting(requests=1000))) == 1
+    # Nearly free batching: batch at once, even with nothing else waiting.
+    cheap = CostAware(flat_profile({1: 100, 2: 105, 4: 115}), 16384)
+    assert len(cheap.pick(requests, 0.0)) == 4
+    # The H100 at 1024x768 saves ~1.5% per added sample: alone while the queue is short, batched when long.
+    h100 = CostAware(H100, 16384)
+    assert len(h100.pick(requests, 0.0)) == 1
+    assert len(h100.pick(requests, 0.0, Waiting(requests=200))) == 4
+    # The token budget caps the batch whatever the model says.
+    assert len(CostAware(flat_profile({1: 100, 2: 105, 4: 115}), 2 * 3584).pick(requests, 0.0)) == 2
+
+
+def test_small_images_batch_at_a_shorter_queue_than_large_ones():
+    def threshold(tokens: int) -> int:
+        policy = CostAware(H100, 16384)
+        pair = [active(0, tokens=tokens), active(1, tokens=tokens)]
+        return next(n for n in range(10_000) if len(policy.pick(pair, 0.0, Waiting(requests=n))) == 2)
+
+    assert threshold(1024) < threshold(3072)
+
+
+def test_requests_of_another_size_or_mode_never_share_a_forward():
+    cheap = CostAware(flat_profile({1: 100, 2: 101, 4: 102}), 16384)
+    other = Active(9, 0.0, ((1024, 1024), "none"), 4096, 1, "none", 28, 28)
+    assert {a.key for a in cheap.pick([active(0), other, active(1)], 0.0)} == {0, 1}
+
+
+def test_least_remaining_work_goes_first():
+    policy = CostAware(H100, 16384)
+    long_, short = active(0, remaining=28), active(1, remaining=5)
+    assert policy.pick([long_, short], 1.0) == [short]
+
+
+def test_no_starvation_under_a_stream_of_shorter_requests():
+    """A 50-step 1024x1024 request, then a new 4-step 512x512 request every 0.2 s for 20 minutes (more
+    work than the replica can do): least-remaining-first alone would never run the large one; with the
+    wait bound it finishes within its bound plus its own run time."""
+    big = Job(0.0, 1024, 1024, 50)
+    small = [Job(0.1 + 0.2 * i, 512, 512, 4) for i in range(6000)]
+    bounded = CostAware(H100, 16384)
+    bound = bounded.wait_bound_s(active(0, tokens=4096, total=50))
+    done = simulate([big, *small], H100, "cost", replicas=1)
+    big_latency = done[0].finished_s - done[0].at_s
+    assert big_latency <= bound + big.alone_s(H100) + H100.request_overhead_s + 1.0
+    assert max(j.finished_s for j in done[1:]) > done[0].finished_s + 600  # the stream really outlasted it
+
+    unbounded = simulate([big, *small[:1500]], H100, "cost", replicas=1, policy_options={"wait_factor": 1e9,
+                                                                                        "wait_slack_s": 1e9})
+    assert unbounded[0].finished_s > max(j.finished_s for j in unbounded[1:])  # the bound is what saved it
+
+
+def test_dispatch_picks_the_least_loaded_replica_that_admits():
+    loads = {"a": ReplicaLoad(2.0, 0.1), "b": ReplicaLoad(0.05, 0.1), "c": ReplicaLoad(0.0, 0.0)}
+    assert choose_replica(loads) == "c"
+    assert choose_replica({"a": ReplicaLoad(2.0, 0.1), "b": ReplicaLoad(0.05, 0.1)}) == "b"
+    assert choose_replica({"a": ReplicaLoad(2.0, 0.1), "b": ReplicaLoad(0.5, 0.1)}) is None  # wait in front
+
+
+def test_the_ledger_runs_reports_down_and_adds_what_was_sent_since():
+    ledger = BacklogLedger(default_horizon_s=0.0)
+    assert ledger.load("r", 10.0) == ReplicaLoad(0.0, 0.0)
+    ledger.sent("r", "x", 4.0, now_s=10.0)
+    assert ledger.load("r", 10.5).backlog_s == 4.0  # no report yet: all it was sent
+    ledger.report("r", ReplicaLoad(4.0, 0.15), at_s=11.0)  # the report includes x
+    assert ledger.load("r", 12.0) == ReplicaLoad(3.0, 0.15)
+    ledger.sent("r", "y", 4.0, now_s=12.0)
+    assert ledger.load("r", 12.0).backlog_s == 7.0
+    ledger.completed("r", "y")
+    ledger.report("r", ReplicaLoad(1.0, 0.15), at_s=10.5)  # older than the last report: ignored
+    assert ledger.load("r", 13.0).backlog_s == 2.0
+    ledger.forget("r")
+    assert ledger.load("r", 13.0).backlog_s == 0.0
