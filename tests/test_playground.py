@@ -32,10 +32,6 @@ MAX_PIXELS = 1280 * 1280  # not the default, so the docs can only have it from t
 PAGES = ("/", "/docs", "/redoc")
 ASSET_REF = re.compile(r"""(?:src|href|spec-url)=["']([^"']+)|url:\s*['"]([^'"]+)""")
 
-pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                                reason="Debian's chromium and chromium-driver (scripts/dev test installs them)")
-
-
 @pytest.fixture(scope="module")
 def server(tiny_root, tmp_path_factory) -> Iterator[str]:
     env = tiny_env(tiny_root, tmp_path_factory.mktemp("state"), SRPO_QUEUE_CONCURRENCY="1",
@@ -47,11 +43,13 @@ def server(tiny_root, tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory) -> Iterator[WebDriver]:
+    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), \
+        "needs Debian's chromium and chromium-driver (scripts/dev test installs them)"
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+                 "--window-size=1400,1800", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -70,6 +68,7 @@ def http(server) -> Iterator[httpx.Client]:
 
 def screenshot(driver: WebDriver, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
+    driver.execute_script("window.scrollTo(0, 0)")  # the status and progress, not the last-focused field
     driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
 
 

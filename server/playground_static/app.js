@@ -83,9 +83,8 @@ function fieldWrapper(name, prop, range) {
   wrapper.className = "field";
   wrapper.dataset.field = name;
   const hint = [prop.description];
-  if (range && (range.minimum !== undefined || range.maximum !== undefined)) {
-    hint.push(`Range ${range.minimum ?? "..."} to ${range.maximum ?? "..."}.`);
-  }
+  const [min, max] = range ? bounds(range) : [];
+  if (min !== undefined || max !== undefined) hint.push(`Range ${min ?? "..."} to ${max ?? "..."}.`);
   if (prop.default !== undefined && prop.default !== null) hint.push(`Default: ${JSON.stringify(prop.default)}.`);
   wrapper.append(prop.title || name, Object.assign(document.createElement("span"), {
     className: "hint", textContent: hint.filter(Boolean).join(" "),
@@ -93,12 +92,17 @@ function fieldWrapper(name, prop, range) {
   return wrapper;
 }
 
+// A number field's [minimum, maximum]; the seed's 64-bit bounds are left to the server.
+function bounds(schema) {
+  return [schema.minimum, schema.maximum].map((b) => (b !== undefined && Math.abs(b) <= SAFE_INT ? b : undefined));
+}
+
 function numberInput(name, schema, value, required) {
   const input = Object.assign(document.createElement("input"), { type: "number", name, required });
   input.step = schema.type === "integer" ? "1" : "any";
-  for (const [attr, bound] of [["min", schema.minimum], ["max", schema.maximum]]) {
-    if (bound !== undefined && Math.abs(bound) <= SAFE_INT) input[attr] = bound;
-  }
+  const [min, max] = bounds(schema);
+  if (min !== undefined) input.min = min;
+  if (max !== undefined) input.max = max;
   if (value !== undefined && value !== null) input.value = value;
   return input;
 }
