@@ -73,7 +73,21 @@ class _CommonInput(BaseModel):
         return self.seed if self.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
 
 
+# A 64x64 orange PNG: an image-to-image example that runs from the API docs on a machine without internet.
+EXAMPLE_SOURCE_IMAGE = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAAUUlEQVR42u3PMQ0AMAgAMJga5CAbWVPBQdI6aE5XX"
+    "PbiOAEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAYF9H5KYAcAV7LD0AAAAAElFTkSuQmCC"
+)
+
+
 class TextToImageInput(_CommonInput):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "a lighthouse at dusk, oil painting", "image_size": "landscape_4_3", "num_inference_steps": 28,
+         "seed": 7},
+        {"prompt": "a red fox in snow", "image_size": {"width": 768, "height": 512}, "num_images": 2,
+         "output_format": "png"},
+    ]})
+
     image_size: ImageSizePreset | ImageSize = Field("landscape_4_3", description="A preset or {width, height}.")
     num_inference_steps: int = Field(28, ge=1, le=50)
 
@@ -85,6 +99,10 @@ class TextToImageInput(_CommonInput):
 
 
 class ImageToImageInput(_CommonInput):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "a watercolour of a sunset", "image_url": EXAMPLE_SOURCE_IMAGE, "strength": 0.8, "seed": 7},
+    ]})
+
     image_url: str = Field(..., description="http(s) URL or data URI of the source image.")
     strength: float = Field(0.95, ge=0.01, le=1, description="1.0 ignores the source; small values keep it.")
     num_inference_steps: int = Field(40, ge=10, le=50)

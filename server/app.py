@@ -29,6 +29,7 @@ from server.headers import FalHeaders
 from server.images import CONTENT_TYPES
 from server.openai_api import OpenAIError, from_validation_error, openai_router
 from server.periodic import every
+from server.playground import is_public_page, mount_pages
 from server.queue.routes import queue_router
 from server.queue.store import RequestStore, open_store
 from server.queue.worker import QueueWorker
@@ -72,6 +73,8 @@ def build_app(
         description="fal's `fal-ai/flux/srpo` endpoints, self-hosted: synchronous and queued.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served offline by server/playground.py
+        redoc_url=None,
     )
 
     @app.exception_handler(OpenAIError)
@@ -147,6 +150,7 @@ def build_app(
 
     app.include_router(queue_router(worker, lambda request: base_url(request, settings)))
     app.include_router(openai_router(run))
+    mount_pages(app, settings)
 
     @app.get("/files/{name}", summary="An output image (until it expires)")
     async def files(name: str) -> Response:
@@ -206,9 +210,10 @@ async def _with_error_type(response: Response) -> Response:
 
 
 def _public(request: Request) -> bool:
-    """Health (probes) and files (unguessable names) need no key; CORS preflights carry none."""
+    """Health (probes), files (unguessable names) and the pages need no key; CORS preflights carry none."""
     path = request.url.path
-    return request.method == "OPTIONS" or path in ("/health", "/livez") or path.startswith("/files/")
+    return (request.method == "OPTIONS" or path in ("/health", "/livez") or path.startswith("/files/")
+            or is_public_page(path))
 
 
 def _is_openai(request: Request) -> bool:
