@@ -1,6 +1,7 @@
 """Copy benchmark results (the JSON files the scripts write) into docs/benchmarks.md.
 
     .venv/bin/python -m benchmarks.report [--results benchmarks/results] [--doc docs/benchmarks.md]
+    .venv/bin/python -m benchmarks.report --doc docs/scheduling.md --names simulate,sim_agreement
 
 Each result replaces the text between `<!-- result:NAME:KIND -->` and `<!-- /result:NAME:KIND -->`
 (KIND: gpu, cpu-tiny or cpu), so a GPU run replaces its "owed" table and nothing else; a result
@@ -37,10 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
     parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--names", help="only these results (comma-separated script names)")
     args = parser.parse_args(argv)
+    names = set(args.names.split(",")) if args.names else None
     doc = args.doc.read_text()
     for path in sorted(args.results.glob("*.json")):
         result = Result(**json.loads(path.read_text()))
+        if names is not None and result.name not in names:
+            continue
         doc = update(doc, result)
         print(f"{args.doc}: {result.name} ({result.kind}) from {path}")
     args.doc.write_text(doc)

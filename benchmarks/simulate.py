@@ -20,6 +20,7 @@ encoding and decoding, which run on other replicas and are not queued here).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import itertools
 import json
@@ -90,6 +91,8 @@ def simulate(jobs: list[Job], cost: CostModel, setup: str, replicas: int, max_ba
     jobs = [Job(j.at_s, j.width, j.height, j.steps, j.num_images, j.mode, key=i) for i, j in enumerate(jobs)]
     reps = [Replica(make_policy(policy_name, cost, max_batch_tokens, **(policy_options or {})))
             for _ in range(replicas)]
+    for rep in reps:
+        rep.policy.replicas = replicas
     rng = random.Random(seed)
     events: list[tuple[float, int, str, object]] = []
     order = itertools.count()
@@ -111,10 +114,10 @@ def simulate(jobs: list[Job], cost: CostModel, setup: str, replicas: int, max_ba
                     return
                 admit(reps[best], front.popleft(), now)
                 continue
-            share = len(front) / replicas / replicas  # TEMP
+            share = len(front) / replicas  # what a router knows: its own queue
             loads = {}
             for i, r in enumerate(reps):
-                load = replica_load(cost, r.policy, r.views(), now)
+                load = replica_load(cost, r.policy, r.views(), now, up_to=share)  # the same horizon, sooner
                 loads[i] = ReplicaLoad(load.backlog_s, load.horizon_for(share))
             chosen = choose_replica(loads)
             if chosen is None:
@@ -221,7 +224,8 @@ def workload(name: str, load: float, replicas: int, count: int, cost: CostModel,
 # --- command line ----------------------------------------------------------------------------
 
 def load_trace(path: Path) -> list[Job]:
-    return [Job(**{k: v for k, v in item.items() if k in Job.__dataclass_fields__}) for item in json.loads(path.read_text())]
+    fields = {f.name for f in dataclasses.fields(Job) if f.init} - {"admitted_s", "started_s", "finished_s"}
+    return [Job(**{k: v for k, v in item.items() if k in fields}) for item in json.loads(path.read_text())]
 
 
 def main(argv: list[str] | None = None) -> None:

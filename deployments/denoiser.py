@@ -138,6 +138,7 @@ class Denoiser(ReplicaHealth):
 
     def record_routing_stats(self) -> dict:
         """What LeastWorkRouter reads (Serve polls it): estimated backlog and admission horizon."""
+        self.engine.policy.replicas = serve.get_replica_context().world_size
         load = replica_load(self.cost, self.engine.policy, self.engine.views(), self.engine.clock())
         return {"load": dataclasses.asdict(load), "at_s": time.time(), "cost_profile": str(self.cost_profile)}
 

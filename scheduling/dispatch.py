@@ -35,11 +35,13 @@ class ReplicaLoad:
         return self.horizon_s
 
 
-def replica_load(cost: CostModel, policy: Policy, active: Sequence[Active], now_s: float) -> ReplicaLoad:
-    """What a replica reports to the routers: its backlog, its horizon, and from what queue it widens."""
+def replica_load(cost: CostModel, policy: Policy, active: Sequence[Active], now_s: float,
+                 up_to: float = 256) -> ReplicaLoad:
+    """What a replica reports to the routers: its backlog, its horizon, and from what queue (looked
+    for up to `up_to` requests per replica) it widens."""
     base = policy.horizon_s(active, now_s)
     backlog = backlog_s(cost, active)
-    for waiting in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+    for waiting in (w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256) if w <= up_to):
         wide = policy.horizon_s(active, now_s, Waiting(requests=waiting))
         if wide > base:
             return ReplicaLoad(backlog, base, wide, waiting)

@@ -45,11 +45,11 @@ class Waiting:
 
     requests: float = 0.0
     work_s: float = 0.0
-    replicas: int = 1  # how many replicas share the queue in front
 
 
 class Policy(Protocol):
     name: str
+    replicas: int  # replicas of the deployment sharing the queue in front
 
     def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> list[Active]:
         """The requests of the next forward: one group, never empty if `active` is not."""
@@ -75,6 +75,7 @@ class _Simple:
     """What the fixed policies share: no load estimate, admit only when idle."""
 
     name = ""
+    replicas = 1
 
     def __init__(self, max_batch_tokens: int) -> None:
         self.max_batch_tokens = max_batch_tokens
@@ -145,8 +146,10 @@ class CostAware:
     Batching: adding request m to batch B saves s = c(B) + c(m) - c(B+m) of device time (c: one
     forward's cost) and delays B's members by c(B+m) - c(B) each. The saving reaches m and every
     request that completes after this forward: the other active ones, those waiting in front, and
-    the arrivals expected before the backlog clears (lambda * W / (1 - rho) for arrival rate
-    lambda, load rho and backlog W). m joins when s * (1 + behind) > |B| * (c(B+m) - c(B)).
+    the arrivals expected before the backlog clears (lambda * W / (1 - rho) for this replica's
+    arrival rate lambda, load rho and backlog W: a single server's busy period; with R replicas
+    sharing one queue in front it drains about R times faster, so the term is divided by R).
+    m joins when s * (1 + behind) > |B| * (c(B+m) - c(B)).
     Compute-bound sizes save a few percent, so they batch only near saturation; small images save
     more and batch sooner.
     """
@@ -169,6 +172,7 @@ class CostAware:
         self.wait_slack_s = wait_slack_s
         self.max_load = max_load
         self.load = LoadEstimate(window_s)
+        self.replicas = 1  # of this deployment: set by the owner, it scales the arrivals term
 
     def step_s(self, a: Active) -> float:
         return self.cost.step_s(a.image_tokens, a.samples, a.mode)
@@ -194,7 +198,7 @@ class CostAware:
         rate, load = self.load.rates(now_s)
         backlog_s = sum(self.remaining_s(a) for a in active) + waiting.work_s
         arrivals = rate * backlog_s / (1 - min(load, self.max_load))
-        return len(active) - batch_size + waiting.requests + arrivals / waiting.replicas
+        return len(active) - batch_size + waiting.requests + arrivals / self.replicas
 
     def _joins(self, batch: list[Active], m: Active, behind: float) -> bool:
         head = batch[0]
