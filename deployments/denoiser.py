@@ -16,6 +16,7 @@ from typing import AsyncIterator, Sequence
 import torch
 from ray import serve
 
+from deployments.metrics import ObservedEngine
 from deployments.runtime import ReplicaHealth, StageRuntime
 from models.acceleration import MODES, WARMUP_BATCH_SIZES, WARMUP_SIZES, Accelerator
 from models.denoise import start_state
@@ -60,6 +61,7 @@ class Denoiser(ReplicaHealth):
         cache_dir = Path(compile_cache_dir) if compile_cache_dir else None
         self.accelerator = Accelerator(self.transformer, acceleration_modes, compile_cache_dir=cache_dir)
         self.engine = DenoiseEngine(self.transformer, max_batch_tokens, modules=self.accelerator.modules)
+        self.engine = ObservedEngine(self.engine, self.runtime.metrics)  # metrics: see deployments/metrics.py
         self.accelerator.warm_up(self.scheduler_config, self.runtime.dtype, warmup_sizes, warmup_batch_sizes)
 
     async def denoise(
