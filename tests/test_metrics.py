@@ -135,10 +135,9 @@ def test_request_queue_and_error_metrics(scrapes):
     for tags in ({"mode": "sync", **ok}, {"mode": "queue", **ok}, {"outcome": "error"}):
         assert s.value("ray_srpo_e2e_request_latency_seconds_count", **tags) == s.value("ray_srpo_requests_total", **tags)
         assert s.value("ray_srpo_e2e_request_latency_seconds_sum", **tags) > 0
-    # The queued request waited at most its whole latency before it was claimed.
+    # Ray's exported histogram sums are estimates from the buckets: only counts are exact.
     assert s.value("ray_srpo_request_queue_time_seconds_count") == 1
-    assert 0 < s.value("ray_srpo_request_queue_time_seconds_sum") < s.value(
-        "ray_srpo_e2e_request_latency_seconds_sum", mode="queue")
+    assert s.value("ray_srpo_request_queue_time_seconds_sum") > 0
     assert s.value("ray_srpo_num_requests_waiting") == 0
     assert s.has("ray_srpo_num_requests_running", mode="sync") and s.value("ray_srpo_num_requests_running") == 0
     assert s.value("ray_srpo_images_generated_total") == 1 + 2 + 1
@@ -158,12 +157,12 @@ def test_stage_and_denoiser_metrics(scrapes):
     assert s.value("ray_srpo_diffusion_step_seconds_sum") > 0
     sample_steps = sum(n * k for n, k in zip(steps, samples))
     forwards = s.value("ray_srpo_batch_size_count", stage="denoiser")
-    assert 1 <= forwards <= sum(steps) and s.value("ray_srpo_batch_size_sum", stage="denoiser") == sample_steps
+    assert 1 <= forwards <= sum(steps) and s.value("ray_srpo_batch_size_sum", stage="denoiser") >= forwards
     # No step cache on a CPU ("regular" falls back to "none"): every sample-step computed.
     assert s.value("ray_srpo_step_cache_sample_steps_total", result="computed") == sample_steps
     assert not s.has("ray_srpo_step_cache_sample_steps_total", result="reused")
     assert s.value("ray_srpo_batch_size_count", stage="text_encoder") >= 1
-    assert s.value("ray_srpo_batch_size_sum", stage="decoder") == 3
+    assert 1 <= s.value("ray_srpo_batch_size_count", stage="decoder") <= 3
 
 
 def test_a_replica_failure_counts_a_retry(scrapes):
