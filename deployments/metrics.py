@@ -23,7 +23,9 @@ from server.telemetry import Telemetry
 REQUEST_BUCKETS_S = [0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600]
 STAGE_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120]
 STEP_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10]
-BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 32]
+# Ray's agent rebuilds a histogram's sum from bucket midpoints: with bounds between the integers a
+# batch size's midpoint is the size itself (up to 8), so the mean batch size is exact.
+BATCH_BUCKETS = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 12.5, 16.5, 24.5, 32.5, 64.5]
 REQUEST_TAGS = ("endpoint", "mode")
 
 
@@ -51,6 +53,8 @@ class ServeTelemetry(Telemetry):
             "srpo_request_retries", description="Request runs again: replica_failure (a stage died) or requeued "
             "(its ingress replica's lease ran out).", tag_keys=("reason",))
         self._images = Counter("srpo_images_generated", description="Images of successful requests.")
+        self._levels: dict[str, int] = {}  # running requests by mode
+
 
     def request_finished(self, endpoint: str, mode: str, seconds: float, error_type: str | None) -> None:
         tags = {"endpoint": endpoint, "mode": mode, "outcome": "ok" if error_type is None else "error"}
@@ -60,10 +64,15 @@ class ServeTelemetry(Telemetry):
             self._errors.inc(1, {"endpoint": endpoint, "mode": mode, "error_type": error_type})
 
     def requests_running(self, mode: str, count: int) -> None:
+        self._levels[mode] = count
         self._running.set(count, {"mode": mode})
 
     def requests_waiting(self, count: int) -> None:
+        # Ray's agent drops a gauge not set for two report intervals; the queue worker calls this every
+        # tick, so every level is set again here and an idle mode's 0 stays exported.
         self._waiting.set(count)
+        for mode, running in self._levels.items():
+            self._running.set(running, {"mode": mode})
 
     def queue_wait(self, seconds: float) -> None:
         self._queue_time.observe(seconds)
