@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from ray import serve
 
+from deployments.metrics import SafetyMetrics
 from deployments.runtime import ReplicaHealth, StageRuntime
 from models.vae import VaeCodec
 from safety.checker import SafetyChecker
@@ -36,6 +37,7 @@ class Decoder(ReplicaHealth):
         paths = self.runtime.paths
         self.vae = VaeCodec(paths.model_dir, self.runtime.device, self.runtime.dtype)
         self.safety = SafetyChecker(paths.safety_dir, self.runtime.device, self.runtime.dtype)
+        self.safety_metrics = SafetyMetrics()
         self.decode.set_max_batch_size(max_batch_size)
         self.decode.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._decode_batch([DecodeJob(torch.zeros(1, 256, 64), 256, 256, True)])  # warm-up
@@ -60,7 +62,10 @@ class Decoder(ReplicaHealth):
         """Packed latents of one request (n, L, 64) to its n images and safety flags."""
         jobs = [DecodeJob(*job) for job in zip(latents, height, width, enable_safety_checker)]
         self.runtime.record_batch(len(jobs))
-        return await asyncio.to_thread(self._decode_batch, jobs)
+        with self.runtime.metrics.timed(len(jobs)):
+            decoded = await asyncio.to_thread(self._decode_batch, jobs)
+        self.safety_metrics.flagged(sum(sum(d.has_nsfw_concepts) for d in decoded))
+        return decoded
 
     def _decode_batch(self, jobs: list[DecodeJob]) -> list[Decoded]:
         # One VAE forward per resolution, one safety forward for every image that asks for it.

@@ -18,6 +18,7 @@ import torch
 from ray import serve
 
 from deployments.denoise_router import LeastWorkRouter
+from deployments.metrics import ObservedEngine
 from deployments.runtime import ReplicaHealth, StageRuntime
 from models.acceleration import MODES, WARMUP_BATCH_SIZES, WARMUP_SIZES, Accelerator
 from models.denoise import start_state
@@ -76,12 +77,13 @@ class Denoiser(ReplicaHealth):
         self.accelerator = Accelerator(self.transformer, acceleration_modes, compile_cache_dir=cache_dir)
         self.cost_profile = self.runtime.settings.cost_profile or default_profile_path(self.runtime.device.type)
         self.cost = CostModel.load(self.cost_profile)
-        self.engine = DenoiseEngine(
+        engine = DenoiseEngine(
             self.transformer,
             max_batch_tokens,
             modules=self.accelerator.modules,
             policy=make_policy(policy, self.cost, max_batch_tokens),
         )
+        self.engine = ObservedEngine(engine, self.runtime.metrics)  # metrics: see deployments/metrics.py
         self.accelerator.warm_up(self.scheduler_config, self.runtime.dtype, warmup_sizes, warmup_batch_sizes)
 
     async def denoise(

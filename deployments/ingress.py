@@ -19,6 +19,7 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from ray.serve.handle import DeploymentHandle
 
 from api.schemas import Output
+from deployments.metrics import ServeTelemetry
 from models.request import GenerationRequest, GenerationResult
 from server.app import build_app
 from server.service import FalInput, LogSink, SRPOService, no_log
@@ -114,7 +115,7 @@ class Ingress:
     def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, decoder: DeploymentHandle) -> None:
         self.settings = get_settings()
         self.backend = GraphBackend(text_encoder, denoiser, decoder)
-        self.service = SRPOService(self.backend, self.settings)
+        self.service = SRPOService(self.backend, self.settings, ServeTelemetry())
         self.health = GraphHealth(serve.get_replica_context().app_name)
 
     def __serve_build_asgi_app__(self):

@@ -1,4 +1,4 @@
-"""What every stage's replica shares: the settings, the resolved weights, the batch-size metric and
+"""What every stage's replica shares: the settings, the resolved weights, the stage's metrics and
 the health check Serve calls."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import logging
 from collections import Counter
 
 import torch
-from ray.serve.metrics import Histogram
-
+from deployments.metrics import StageMetrics
 from models.loading import ModelPaths, resolve_model_paths
 from settings import Settings, get_settings
 
@@ -17,7 +16,7 @@ logger = logging.getLogger("ray.serve")
 
 
 class StageRuntime:
-    """Settings, weight paths, device and dtype for one replica, plus its batch-size record."""
+    """Settings, weight paths, device and dtype for one replica, plus its batch sizes and metrics."""
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
@@ -27,18 +26,12 @@ class StageRuntime:
         self.device: torch.device = self.settings.resolved_device()
         self.dtype: torch.dtype = self.settings.resolved_dtype()
         self.batch_sizes: Counter[int] = Counter()
-        self._histogram = Histogram(
-            "srpo_batch_size",
-            description="Items per batched call of a stage (prompts, decoded requests, denoiser samples).",
-            boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 32],
-            tag_keys=("stage",),
-        )
-        self._histogram.set_default_tags({"stage": stage})
+        self.metrics = StageMetrics(stage)
         logger.info("%s replica: %s on %s (%s)", stage, self.paths.model_dir, self.device, self.dtype)
 
     def record_batch(self, size: int) -> None:
         self.batch_sizes[size] += 1
-        self._histogram.observe(size)
+        self.metrics.batch(size)
 
 
 class ReplicaHealth:

@@ -26,9 +26,10 @@ class TextEncoder(ReplicaHealth):
     async def encode(self, prompts: list[str]) -> list[PromptEmbedding]:
         self.runtime.record_batch(len(prompts))
         misses = list(dict.fromkeys(p for p in prompts if p not in self.cache))
-        if misses:
-            embeds = await asyncio.to_thread(self._encode_to_cpu, misses)
-            self.cache.update(zip(misses, embeds))
+        with self.runtime.metrics.timed(len(prompts)):
+            if misses:
+                embeds = await asyncio.to_thread(self._encode_to_cpu, misses)
+                self.cache.update(zip(misses, embeds))
         results = []
         for prompt in prompts:
             self.cache.move_to_end(prompt)

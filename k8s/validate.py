@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES_VERSION = "1.33"  # a current release whose schemas kubernetes-validate ships
 CRD_KINDS = {"RayService": "ray.io_rayservices.yaml"}  # its rayClusterConfig is the RayCluster spec
 # Kinds from operators whose schemas kubernetes-validate does not ship: apiVersion and kind are checked.
-OTHER_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
+OTHER_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 UPGRADE_TYPES = {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}  # KubeRay 1.7; the CRD has no enum
 Doc = dict[str, Any]
 

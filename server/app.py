@@ -34,6 +34,7 @@ from server.queue.routes import queue_router
 from server.queue.store import RequestStore, open_store
 from server.queue.worker import QueueWorker
 from server.service import FalInput, SRPOService
+from server.telemetry import http_telemetry
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ def build_app(
             response = await _with_error_type(response)
         response.headers.setdefault(REQUEST_ID_HEADER, rid)
         return response
+
+    app.middleware("http")(http_telemetry(service.telemetry))  # outside request_id: sees the error types
 
     app.add_middleware(
         CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],

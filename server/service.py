@@ -29,6 +29,7 @@ from server.image_fetch import fetch_image_bytes
 from server.images import CONTENT_TYPES, ImageLoadError, data_uri, decode_image, encode_image
 from server.retry import RetryPolicy, describe
 from server.storage import StorageError, open_object_store
+from server.telemetry import Telemetry
 from settings import Settings
 
 LogSink = Callable[[str], None]  # receives progress messages; must be safe to call from any thread
@@ -104,9 +105,10 @@ def to_generation_request(
 class SRPOService:
     """What the HTTP routes, the queue worker and the Python handle API call."""
 
-    def __init__(self, backend: GenerationBackend, settings: Settings) -> None:
+    def __init__(self, backend: GenerationBackend, settings: Settings, telemetry: Telemetry | None = None) -> None:
         self.backend = backend
         self.settings = settings
+        self.telemetry = telemetry or Telemetry()
         self.storage = open_object_store(settings)
         self.retry_policy = RetryPolicy(settings.retry_max_attempts)
 
@@ -147,12 +149,18 @@ class SRPOService:
             source = await self._load_source(body.image_url)
         generation = to_generation_request(body, seed, source, self.settings.max_pixels)
         policy = self.retry_policy if retry else RetryPolicy(max_attempts=1)
+        attempts = 0
+
+        async def attempt() -> GenerationResult:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                self.telemetry.retried("replica_failure")
+            return await self.backend.generate(generation, enable_safety_checker=body.enable_safety_checker,
+                                               acceleration=body.acceleration, log=log)
+
         try:
-            result = await policy.run(
-                lambda: self.backend.generate(generation, enable_safety_checker=body.enable_safety_checker,
-                                              acceleration=body.acceleration, log=log),
-                self.backend.is_transient, log, deadline,
-            )
+            result = await policy.run(attempt, self.backend.is_transient, log, deadline)
         except Exception as exc:
             if not self.backend.is_transient(exc):
                 raise
@@ -169,6 +177,7 @@ class SRPOService:
                 name, url = await self._store_output(data, body.output_format, base, output_ttl_s)
             images.append(Image(url=url, width=generation.width, height=generation.height,
                                 content_type=content_type, file_name=name, file_size=len(data)))
+        self.telemetry.images_generated(len(images))
         return Output(images=images, timings={"inference": round(result.inference_seconds, 4)}, seed=seed,
                       has_nsfw_concepts=result.has_nsfw_concepts, prompt=body.prompt)
 

@@ -31,11 +31,13 @@ def running_serve(
     args: dict[str, Any] | None = None,
     tls: tuple[Path, Path, Path] | None = None,
     secrets: dict[str, str] | None = None,
+    metrics_port: int | None = None,
 ) -> Iterator[str]:
     """Start Ray + Serve on 127.0.0.1 with `env` for every replica; yield the base URL.
 
     `tls` is (certificate, key, CA that signed it): Serve's proxy then speaks HTTPS. `secrets` reach the replicas
-    through the process environment they inherit, not the runtime_env, which Ray logs.
+    through the process environment they inherit, not the runtime_env, which Ray logs. `metrics_port`: the
+    node's Prometheus endpoint (`http://127.0.0.1:<port>/metrics`), on a random port when None.
     """
     port = free_port()
     http_options: dict[str, Any] = {"host": "127.0.0.1", "port": port}
@@ -51,6 +53,7 @@ def running_serve(
             runtime_env={"env_vars": env},
             logging_level="WARNING",
             log_to_driver=False,
+            _metrics_export_port=metrics_port,
         )
     finally:
         for key, value in saved.items():

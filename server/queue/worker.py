@@ -19,12 +19,13 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from api.queue_schemas import ENDPOINTS, LogEntry, WebhookBody
 from api.schemas import ImageToImageInput, Output, TextToImageInput
-from server.errors import ServiceError
+from server.errors import ServiceError, default_error_type
 from server.periodic import every
 from server.queue.payloads import Payloads
 from server.queue.store import CANCELLED, Completion, RequestRecord, RequestStore
 from server.queue.webhooks import deliver_webhook
 from server.service import FalInput, SRPOService
+from server.telemetry import ENDPOINT_NAMES
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class QueueWorker:
         self.store = store
         self.service = service
         self.settings = settings
+        self.telemetry = service.telemetry
         self.payloads = Payloads(service.storage, settings.payload_inline_max_bytes)
         self.worker_id = uuid.uuid4().hex
         self._running: dict[str, asyncio.Task] = {}
@@ -122,6 +124,8 @@ class QueueWorker:
                     task = asyncio.get_running_loop().create_task(self._start(record))
                     self._running[record.id] = task
                     task.add_done_callback(lambda _, rid=record.id: self._finished(rid))
+                self.telemetry.requests_running("queue", len(self._running))
+                self.telemetry.requests_waiting(await self.store.pending())
             except Exception:
                 logger.exception("queue worker loop failed; retrying")
             try:
@@ -132,11 +136,16 @@ class QueueWorker:
 
     def _finished(self, request_id: str) -> None:
         self._running.pop(request_id, None)
+        self.telemetry.requests_running("queue", len(self._running))
         self._wake.set()
 
     async def _start(self, record: RequestRecord) -> None:
         """Run a claimed request, unless it has waited past its start timeout or failed too often."""
         waited = time.time() - record.created_at
+        if record.attempts > 1:
+            self.telemetry.retried("requeued")
+        else:  # a re-claimed request's wait since submission includes its earlier runs
+            self.telemetry.queue_wait(waited)
         if record.start_timeout_s is not None and waited > record.start_timeout_s:
             exc = ServiceError(f"Request did not start within its timeout of {record.start_timeout_s:g} s "
                                f"(X-Fal-Request-Timeout); it waited {waited:.1f} s", 504, "request_timeout")
@@ -199,6 +208,10 @@ class QueueWorker:
         self._changed()
         if done:  # a late worker's result is dropped: one completion, one webhook
             self.notify(record, completion)
+            failed = completion.code != 200
+            error_type = (completion.error_type or default_error_type(completion.code)) if failed else None
+            self.telemetry.request_finished(ENDPOINT_NAMES[record.endpoint], "queue",
+                                            time.time() - record.created_at, error_type)
         else:
             logger.warning("dropped the result of %s: another replica holds it now", record.id)
             await self.payloads.delete([stored.body_ref] if stored.body_ref else [])
