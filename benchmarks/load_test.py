@@ -1,12 +1,13 @@
-"""(c) Throughput and p50/p99 latency under Poisson arrivals: step-level vs request-level batching.
+"""(c) Throughput and p50/p99 latency under Poisson arrivals, per scheduling policy (one engine).
 
     .venv/bin/python -m benchmarks.load_test                                   # GPU, random FLUX.1-dev weights
     .venv/bin/python -m benchmarks.load_test --tiny --mix 128x128:4,192x128:6  # CPU smoke run
 
 Engine level (no HTTP, no text encoder or VAE): requests drawn from a mix of sizes and step
 counts arrive as a Poisson process at fractions of the measured capacity (a burst of the same
-mix under step-level batching: requests per second). Each load runs under both policies of
-DenoiseEngine. Latency is submit to final latents; "slowdown" is a request's latency over the
+mix under co-batching: requests per second). Each load runs under each policy of
+scheduling/policy.py (cost-aware, co-batching, one at a time, request-level), with the device's
+shipped cost profile. Latency is submit to final latents; "slowdown" is a request's latency over the
 same request's latency on an idle engine, so the target "p99 at 80% load <= 2x unloaded" reads
 as p99 slowdown <= 2.
 """
@@ -25,6 +26,8 @@ from benchmarks.common import (
 )
 from models.acceleration import Accelerator
 from models.engine import DenoiseEngine
+from scheduling.cost_model import CostModel, default_profile_path
+from scheduling.policy import POLICIES, make_policy
 
 Spec = tuple[int, int, int]  # width, height, steps
 
@@ -42,9 +45,11 @@ class Bench:
     def __init__(self, transformer, accelerator: Accelerator, mode: str, budget: int, device, dtype) -> None:
         self.transformer, self.accelerator, self.mode = transformer, accelerator, mode
         self.budget, self.device, self.dtype = budget, device, dtype
+        self.cost = CostModel.load(default_profile_path(device.type))
 
     def engine(self, policy: str) -> DenoiseEngine:
-        return DenoiseEngine(self.transformer, self.budget, modules=self.accelerator.modules, policy=policy)
+        return DenoiseEngine(self.transformer, self.budget, modules=self.accelerator.modules,
+                             policy=make_policy(policy, self.cost, self.budget))
 
     async def run(self, engine: DenoiseEngine, spec: Spec, seed: int, delay: float) -> float:
         """Submit one request after `delay` seconds; its latency in seconds."""
@@ -57,7 +62,7 @@ class Bench:
         return time.perf_counter() - began
 
     async def unloaded(self, specs: list[Spec]) -> dict[Spec, float]:
-        engine = self.engine("step")
+        engine = self.engine("cobatch")
         for spec in specs:  # warm-up: first forwards of a shape pay for kernel selection
             await self.run(engine, spec, 0, 0.0)
         latencies = {spec: await self.run(engine, spec, 1, 0.0) for spec in specs}
@@ -65,8 +70,8 @@ class Bench:
         return latencies
 
     async def burst(self, specs: list[Spec], count: int) -> float:
-        """Capacity in requests per second: `count` requests submitted at once, step-level batching."""
-        engine = self.engine("step")
+        """Capacity in requests per second: `count` requests submitted at once, co-batching."""
+        engine = self.engine("cobatch")
         began = time.perf_counter()
         await asyncio.gather(*(self.run(engine, specs[i % len(specs)], i, 0.0) for i in range(count)))
         elapsed = time.perf_counter() - began
@@ -124,26 +129,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mix", default="1024x768:28,1024x1024:28,768x1024:20,512x512:28",
                         help="WIDTHxHEIGHT:STEPS,... drawn uniformly")
     parser.add_argument("--loads", default="0.5,0.8,1.2", help="fractions of the measured capacity")
-    parser.add_argument("--policies", default="step,request")
+    parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--requests", type=int, default=40, help="requests per run (and in the capacity burst)")
     parser.add_argument("--mode", default="none", help="acceleration mode of every request")
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     rows, data = asyncio.run(measure(args))
-    header = ["batching", "load", "offered req/s", "achieved req/s", "p50 latency s", "p99 latency s",
+    header = ["policy", "load", "offered req/s", "achieved req/s", "p50 latency s", "p99 latency s",
               "p50 slowdown", "p99 slowdown", "samples per forward"]
     notes = [
         f"Mix {args.mix} (uniform), {args.requests} requests per run, mode `{data['mode']}`, "
         f"token budget {args.max_batch_tokens}; capacity {data['capacity_rps']:.2f} req/s "
-        f"(burst of {args.requests}, step-level).",
+        f"(burst of {args.requests}, co-batching).",
         "Slowdown: latency / the same request's latency on an idle engine. With this few requests per run "
         "p99 is close to the maximum.",
     ]
     if data["note"]:
         notes.append(data["note"])
     device, _ = device_and_dtype(args)
-    write_result(args, argv, "load_test", "Poisson load: step-level vs request-level batching", device, header,
+    write_result(args, argv, "load_test", "Poisson load per scheduling policy", device, header,
                  rows, notes, data)
 
 

@@ -17,6 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from benchmarks import end_to_end, load_test, quality, random_model, report, serving_overhead, step_latency
 from models.pipeline import SRPOPipeline
 from models.request import GenerationRequest
+from scheduling.policy import POLICIES
 from tests.conftest import CPU
 from tests.harness import running_serve, tiny_env
 
@@ -39,7 +40,7 @@ def test_engine_level_scripts_and_the_report(tmp_path):
     steps = read_result(tmp_path, "step_latency")
     assert [r["batch"] for r in steps["data"]["rows"]] == [1, 2] and "unavailable on cpu" in steps["table"]
     runs = read_result(tmp_path, "load_test")["data"]["runs"]
-    assert [r["policy"] for r in runs] == ["step", "request"] and all(len(r["latencies"]) == 4 for r in runs)
+    assert [r["policy"] for r in runs] == list(POLICIES) and all(len(r["latencies"]) == 4 for r in runs)
     variants = read_result(tmp_path, "quality")["data"]["rows"]
     assert [v["variant"] for v in variants] == ["step cache only, threshold 0.08", "step cache only, threshold 0.16"]
 
