@@ -22,10 +22,13 @@ from typing import Any, Iterator
 
 import yaml
 
-# Set before Ray starts, so every replica inherits them; a value the user set wins.
-QUIET_ENV = {
-    "TRANSFORMERS_VERBOSITY": "error",  # "`CLIPImageProcessor` requires torchvision" once per replica
+# Set before the libraries load (for Serve: before Ray starts, so every replica inherits them); a
+# value the user set wins. `srpo generate` uses the same.
+QUIET_LIBRARIES = {
+    "TRANSFORMERS_VERBOSITY": "error",  # "`CLIPImageProcessor` requires torchvision" once per process
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' and diffusers' weight-loading bars
+}
+QUIET_ENV = QUIET_LIBRARIES | {
     # Ray turns token auth on by itself when ~/.ray/auth_token exists, and says so; stating it makes
     # the cluster the same whatever the machine holds, and `serve status` needs the same mode.
     "RAY_AUTH_MODE": "token",
