@@ -123,8 +123,10 @@ def run(config_path: Path) -> int:
     try:
         context = ray.init(logging_level=logging.WARNING)
         # SIGTERM (docker stop, systemd, kill) ends like Ctrl-C; set after ray.init, whose own handler
-        # would otherwise print "*** SIGTERM received" and end the process on the spot.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        # would otherwise print "*** SIGTERM received" and end the process on the spot. SIGINT too: a
+        # shell starts background jobs with it ignored, and Python then never raises KeyboardInterrupt.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler)
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the banner says when it is ready
         serve.start(proxy_location=config.get("proxy_location"), http_options=http_options,
                     logging_config={"log_level": "WARNING"})  # the controller's and proxy's INFO chatter
