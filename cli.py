@@ -34,7 +34,9 @@ def _size(text: str) -> str | dict[str, int]:
     return {"width": int(width), "height": int(height)}
 
 
-def _input(args: argparse.Namespace, fields: dict[str, Any]) -> tuple[TextToImageInput | ImageToImageInput, bytes | None]:
+def _input(
+    args: argparse.Namespace, fields: dict[str, Any]
+) -> tuple[TextToImageInput | ImageToImageInput, bytes | None]:
     """The request body, and the source image's bytes for image-to-image."""
     image_bytes = None
     try:
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = sub.add_parser("generate", help="generate images in-process from SRPO_MODEL_DIR (or the tiny preset)")
     gen.add_argument("prompt")
     presets = ", ".join(f"{name} ({w}x{h})" for name, (w, h) in PRESET_SIZES.items())
-    gen.add_argument("--size", default="landscape_4_3", help=f"a preset: {presets}; or WIDTHxHEIGHT (default: landscape_4_3)")
+    gen.add_argument("--size", default="landscape_4_3",
+                     help=f"a preset: {presets}; or WIDTHxHEIGHT (default: landscape_4_3)")
     gen.add_argument("--steps", type=int, default=None, help="default 28 (40 for image-to-image)")
     gen.add_argument("--guidance-scale", type=float, default=4.5)
     gen.add_argument("--seed", type=int, default=None)
