@@ -5,15 +5,65 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 
-from api.schemas import ImageToImageInput, TextToImageInput
-from server.images import data_uri, decode_image, encode_image
+from api.schemas import PRESET_SIZES, ImageToImageInput, TextToImageInput
+from deployments.launch import QUIET_LIBRARIES
+from server.images import ImageLoadError, data_uri, decode_image, encode_image
 from settings import get_settings
+
+DEFAULT_FORMAT = TextToImageInput.model_fields["output_format"].default  # the server's default too
+
+
+class UsageError(Exception):
+    """A mistake in the command line: one line on stderr and exit code 2, never a traceback."""
+
+
+def _size(text: str) -> str | dict[str, int]:
+    if text in PRESET_SIZES:
+        return text
+    width, x, height = text.partition("x")
+    if not (x and width.isdigit() and height.isdigit()):
+        raise UsageError(f"--size {text!r}: expected one of {', '.join(PRESET_SIZES)} or WIDTHxHEIGHT (e.g. 1024x768)")
+    return {"width": int(width), "height": int(height)}
+
+
+def _input(
+    args: argparse.Namespace, fields: dict[str, Any]
+) -> tuple[TextToImageInput | ImageToImageInput, bytes | None]:
+    """The request body, and the source image's bytes for image-to-image."""
+    image_bytes = None
+    try:
+        if args.image:
+            try:
+                image_bytes = Path(args.image).read_bytes()
+            except OSError as exc:
+                raise UsageError(f"--image {args.image}: {exc.strerror or exc}") from exc
+            fields |= {"image_url": data_uri(image_bytes, "application/octet-stream"), "strength": args.strength}
+            return ImageToImageInput(**fields), image_bytes
+        return TextToImageInput(**fields, image_size=_size(args.size)), None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise UsageError(f"invalid input: {problems}") from exc
+
+
+def _progress_bar():
+    """A denoising progress bar on stderr (tqdm comes with transformers)."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc="denoising", unit="step", file=sys.stderr)
+
+    def on_step(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return bar, on_step
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -31,18 +81,11 @@ def _generate(args: argparse.Namespace) -> int:
     }
     if args.steps is not None:
         fields["num_inference_steps"] = args.steps
+    body, image_bytes = _input(args, fields)
     try:
-        if args.image:
-            image_bytes = Path(args.image).read_bytes()
-            fields |= {"image_url": data_uri(image_bytes, "application/octet-stream"), "strength": args.strength}
-            body: TextToImageInput | ImageToImageInput = ImageToImageInput(**fields)
-        else:
-            size = args.size if "x" not in args.size else dict(zip(("width", "height"), map(int, args.size.split("x"))))
-            body = TextToImageInput(**fields, image_size=size)
-    except ValidationError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    source = decode_image(image_bytes, settings.image_max_source_pixels) if args.image else None
+        source = decode_image(image_bytes, settings.image_max_source_pixels) if image_bytes is not None else None
+    except ImageLoadError as exc:
+        raise UsageError(f"--image {args.image}: {exc}") from exc
     seed = body.resolved_seed()
     paths = resolve_model_paths(settings.model_dir, settings.safety_dir, settings.transformer_file, settings.tiny_dir)
     pipe = SRPOPipeline(
@@ -52,7 +95,10 @@ def _generate(args: argparse.Namespace) -> int:
         settings.resolved_dtype(),
         paths.transformer_file,
     )
-    result = pipe.generate(to_generation_request(body, seed, source, settings.max_pixels), body.enable_safety_checker)
+    bar, on_step = _progress_bar()
+    with bar:
+        result = pipe.generate(to_generation_request(body, seed, source, settings.max_pixels),
+                               body.enable_safety_checker, on_step)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -82,18 +128,23 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for key, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="srpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images in-process from SRPO_MODEL_DIR (or the tiny preset)")
     gen.add_argument("prompt")
-    gen.add_argument("--size", default="landscape_4_3", help="a preset name or WIDTHxHEIGHT")
+    presets = ", ".join(f"{name} ({w}x{h})" for name, (w, h) in PRESET_SIZES.items())
+    gen.add_argument("--size", default="landscape_4_3",
+                     help=f"a preset: {presets}; or WIDTHxHEIGHT (default: landscape_4_3)")
     gen.add_argument("--steps", type=int, default=None, help="default 28 (40 for image-to-image)")
     gen.add_argument("--guidance-scale", type=float, default=4.5)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--format", choices=("jpeg", "png"), default="png")
+    gen.add_argument("--format", choices=("jpeg", "png"), default=DEFAULT_FORMAT,
+                     help=f"output file format (default: {DEFAULT_FORMAT}, as the server's)")
     gen.add_argument("--image", help="source image file: image-to-image")
     gen.add_argument("--strength", type=float, default=0.95)
     gen.add_argument("--out", default="outputs")
@@ -110,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     tiny.set_defaults(func=_make_tiny)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"srpo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from api.schemas import Output
 from deployments.metrics import ServeTelemetry
+from deployments.logs import configure_ingress_logs
 from models.request import GenerationRequest, GenerationResult
 from server.app import build_app
 from server.service import FalInput, LogSink, SRPOService, no_log
@@ -113,6 +114,7 @@ class GraphHealth:
 @serve.ingress()
 class Ingress:
     def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, decoder: DeploymentHandle) -> None:
+        configure_ingress_logs()
         self.settings = get_settings()
         self.backend = GraphBackend(text_encoder, denoiser, decoder)
         self.service = SRPOService(self.backend, self.settings, ServeTelemetry())

@@ -27,6 +27,7 @@ from server.body_limit import BodyLimit
 from server.fal_proxy import FalProxyRoute
 from server.headers import FalHeaders
 from server.images import CONTENT_TYPES
+from server.logging_context import install as tag_logs_with_request_ids, request_context
 from server.openai_api import OpenAIError, from_validation_error, openai_router
 from server.periodic import every
 from server.playground import is_public_page, mount_pages
@@ -56,6 +57,7 @@ def build_app(
 ) -> FastAPI:
     """The HTTP app; `store` defaults to the one the settings select (embedded or Redis)."""
     settings = service.settings
+    tag_logs_with_request_ids()
     worker = QueueWorker(store or open_store(settings), service, settings)
 
     @asynccontextmanager
@@ -110,11 +112,12 @@ def build_app(
     @app.middleware("http")
     async def request_id(request: Request, call_next):
         rid = str(uuid.uuid4())
-        try:
-            response = await call_next(request)
-        except Exception:  # never a stack trace in a body
-            logger.exception("unhandled error in request %s", rid)
-            response = JSONResponse({"detail": "Internal server error"}, status_code=500)
+        with request_context(rid):  # every log line of the request carries its id
+            try:
+                response = await call_next(request)
+            except Exception:  # never a stack trace in a body
+                logger.exception("unhandled error in request")
+                response = JSONResponse({"detail": "Internal server error"}, status_code=500)
         if response.status_code >= 400 and request.url.path != "/health":
             response = await _with_error_type(response)
         response.headers.setdefault(REQUEST_ID_HEADER, rid)
@@ -135,7 +138,8 @@ def build_app(
         nonlocal in_flight
         headers = headers or FalHeaders.absent()
         if in_flight >= settings.sync_max_concurrency:  # refused before any work starts
-            raise HTTPException(429, "Too many requests in progress; retry later", headers={"Retry-After": "2"})
+            raise HTTPException(429, "Too many requests in progress (SRPO_SYNC_MAX_CONCURRENCY); retry later",
+                                headers={"Retry-After": "2"})
         in_flight += 1
         try:
             return await service.run(body, base_url(request, settings), output_ttl_s=headers.output_ttl_s,

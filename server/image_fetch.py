@@ -16,6 +16,8 @@ from server.images import ImageLoadError
 from server.outbound import BlockedDestination, check_destination
 
 MAX_REDIRECTS = 3
+# The settings behind the limits, named in the messages so a user knows what to change.
+MAX_BYTES_SETTING = "SRPO_IMAGE_FETCH_MAX_BYTES"
 
 
 def _decode_data_uri(url: str, max_bytes: int) -> bytes:
@@ -23,13 +25,13 @@ def _decode_data_uri(url: str, max_bytes: int) -> bytes:
     if not sep:
         raise ImageLoadError("malformed data URI")
     if len(payload) > max_bytes * 4 // 3 + 4:
-        raise ImageLoadError(f"data URI larger than {max_bytes} bytes")
+        raise ImageLoadError(f"data URI larger than {max_bytes} bytes ({MAX_BYTES_SETTING})")
     try:
         data = base64.b64decode(payload, validate=False) if header.endswith(";base64") else unquote_to_bytes(payload)
     except ValueError as exc:
         raise ImageLoadError("malformed base64 in data URI") from exc
     if len(data) > max_bytes:
-        raise ImageLoadError(f"data URI larger than {max_bytes} bytes")
+        raise ImageLoadError(f"data URI larger than {max_bytes} bytes ({MAX_BYTES_SETTING})")
     return data
 
 
@@ -55,16 +57,16 @@ async def fetch_image_bytes(url: str, *, max_bytes: int, timeout_s: float, allow
                         raise ImageLoadError(f"HTTP {response.status_code}")
                     declared = int(response.headers.get("content-length") or 0)
                     if declared > max_bytes:
-                        raise ImageLoadError(f"image larger than {max_bytes} bytes")
+                        raise ImageLoadError(f"image larger than {max_bytes} bytes ({MAX_BYTES_SETTING})")
                     chunks, size = [], 0
                     async for chunk in response.aiter_bytes():
                         size += len(chunk)
                         if size > max_bytes:
-                            raise ImageLoadError(f"image larger than {max_bytes} bytes")
+                            raise ImageLoadError(f"image larger than {max_bytes} bytes ({MAX_BYTES_SETTING})")
                         chunks.append(chunk)
                     return b"".join(chunks)
             raise ImageLoadError("too many redirects")
     except TimeoutError as exc:
-        raise ImageLoadError(f"timed out after {timeout_s} s") from exc
+        raise ImageLoadError(f"timed out after {timeout_s} s (SRPO_IMAGE_FETCH_TIMEOUT_S)") from exc
     except httpx.HTTPError as exc:
         raise ImageLoadError(f"connection failed ({type(exc).__name__})") from exc

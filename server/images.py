@@ -23,7 +23,8 @@ def decode_image(data: bytes, max_source_pixels: int) -> Image.Image:
         with Image.open(io.BytesIO(data)) as probe:
             w, h = probe.size
             if w * h > max_source_pixels:
-                raise ImageLoadError(f"image is {w}x{h}, more than {max_source_pixels} pixels")
+                raise ImageLoadError(
+                    f"image is {w}x{h}, more than {max_source_pixels} pixels (SRPO_IMAGE_MAX_SOURCE_PIXELS)")
             probe.load()
             return probe.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:

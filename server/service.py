@@ -7,6 +7,7 @@ runs the model: the Serve graph (deployments/ingress.py) or the whole pipeline i
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import uuid
@@ -34,6 +35,7 @@ from settings import Settings
 
 LogSink = Callable[[str], None]  # receives progress messages; must be safe to call from any thread
 FalInput = TextToImageInput | ImageToImageInput
+logger = logging.getLogger(__name__)
 
 
 def no_log(_: str) -> None:
@@ -178,6 +180,8 @@ class SRPOService:
             images.append(Image(url=url, width=generation.width, height=generation.height,
                                 content_type=content_type, file_name=name, file_size=len(data)))
         self.telemetry.images_generated(len(images))
+        logger.info("generated %d image(s) at %dx%d (seed %d) in %.2f s", len(images), generation.width,
+                    generation.height, seed, result.inference_seconds)
         return Output(images=images, timings={"inference": round(result.inference_seconds, 4)}, seed=seed,
                       has_nsfw_concepts=result.has_nsfw_concepts, prompt=body.prompt)
 

@@ -30,6 +30,13 @@ def test_configs_name_only_real_deployments_and_valid_args():
     assert {d.name for d in (Ingress, TextEncoder, Denoiser, Decoder)} == DEPLOYMENTS
 
 
+def test_default_config_fits_a_2_core_machine():
+    """Every replica the autoscaler may ask for can be placed: no 'cannot be scheduled' warnings."""
+    (app,) = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
+    cpus = sum(d["ray_actor_options"]["num_cpus"] * d["autoscaling_config"]["max_replicas"] for d in app["deployments"])
+    assert cpus <= 2
+
+
 def test_serve_run_serves_the_default_config(tmp_path, tiny_root):
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     port = free_port()

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.queue_schemas import APP_ALIAS, ENDPOINTS, CancelResponse, QueueStatus, QueueUrls, SubmitResponse
 from api.schemas import REQUEST_ID_HEADER, ImageToImageInput, TextToImageInput
 from server.headers import FalHeaders
+from server.logging_context import current_request_id
 from server.outbound import BlockedDestination, check_destination
 from server.queue.store import CANCELLED, NewRequest, RequestRecord
 from server.queue.webhooks import WEBHOOK_SETTING
@@ -56,7 +57,7 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
                 raise HTTPException(422, [{"loc": ["query", "fal_webhook"], "msg": str(exc),
                                            "type": "value_error", "input": fal_webhook}]) from exc
         base = base_url(request)
-        request_id = str(uuid.uuid4())
+        request_id = current_request_id() or str(uuid.uuid4())  # the id the submit's log lines carry
         data, input_ref = await payloads.store_input(request_id, body.model_dump(mode="json"))
         new = NewRequest(id=request_id, endpoint=endpoint, input=data, input_ref=input_ref, sync_mode=body.sync_mode,
                          output_ttl_s=headers.output_ttl_s, start_timeout_s=headers.start_timeout_s,
@@ -66,7 +67,8 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
         position = await store.enqueue(new, limit)
         if position is None:  # nothing was stored: a client's retry cannot double the work
             await payloads.delete([input_ref] if input_ref else [])
-            return JSONResponse({"detail": "The queue is full; retry later"}, status_code=429,
+            detail = "The queue is full (SRPO_QUEUE_MAX_PENDING, or the request's fal_max_queue_length); retry later"
+            return JSONResponse({"detail": detail}, status_code=429,
                                 headers={"Retry-After": "5"})
         worker.wake()
         response = SubmitResponse(**QueueUrls.for_request(base, new.id).model_dump(), queue_position=position)

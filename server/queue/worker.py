@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 from api.queue_schemas import ENDPOINTS, LogEntry, WebhookBody
 from api.schemas import ImageToImageInput, Output, TextToImageInput
 from server.errors import ServiceError, default_error_type
+from server.logging_context import request_context
 from server.periodic import every
 from server.queue.payloads import Payloads
 from server.queue.store import CANCELLED, Completion, RequestRecord, RequestStore
@@ -141,6 +142,10 @@ class QueueWorker:
 
     async def _start(self, record: RequestRecord) -> None:
         """Run a claimed request, unless it has waited past its start timeout or failed too often."""
+        with request_context(record.id):  # its log lines carry its id, as the submit's did
+            await self._start_in_context(record)
+
+    async def _start_in_context(self, record: RequestRecord) -> None:
         waited = time.time() - record.created_at
         if record.attempts > 1:
             self.telemetry.retried("requeued")

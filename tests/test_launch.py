@@ -1,0 +1,71 @@
+"""`scripts/dev serve`'s launcher, as a user sees it: a banner once ready, request ids in the log, no
+status-poll lines, and a quiet stop with exit code 0 (one Ray start, bounded)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import yaml
+
+from tests.harness import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"prompt": "x", "image_size": {"width": 32, "height": 32}, "num_inference_steps": 1}
+
+
+class Output:
+    """A subprocess's merged output, read on a thread, that tests can wait on."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.text = ""
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        for line in proc.stdout:
+            with self._changed:
+                self.text += line
+                self._changed.notify_all()
+
+    def wait_for(self, found: Callable[[str], bool], timeout_s: float, what: str) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: found(self.text), timeout_s), f"no {what} in:\n{self.text}"
+
+
+def test_launcher_banner_logs_and_quiet_stop(tmp_path, tiny_root):
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = os.environ | {"SRPO_TINY_DIR": str(tiny_root), "SRPO_STORAGE_DIR": str(tmp_path / "files"),
+                        "SRPO_QUEUE_DB_PATH": str(tmp_path / "requests.sqlite3")}
+    proc = subprocess.Popen([sys.executable, "-m", "deployments.launch", str(path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = Output(proc)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        output.wait_for(lambda text: "srpo-serve is ready" in text, 300, "banner")
+        assert f"API docs      {base}/docs" in output.text and "TINY RANDOM preset" in output.text
+        request_id = httpx.post(f"{base}/queue/fal-ai/flux/srpo", json=SMALL, timeout=30).json()["request_id"]
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{base}/queue/fal-ai/flux/requests/{request_id}/status").json()["status"] != "COMPLETED":
+            assert time.monotonic() < deadline, "the queued request never completed"
+        output.wait_for(lambda text: f"[{request_id}] generated 1 image(s)" in text, 60, "request-id log line")
+        output.wait_for(lambda text: "POST /queue/fal-ai/flux/srpo 200" in text, 60, "submit's access-log line")
+        assert "/status 20" not in output.text  # the polls above are not in the log
+        os.kill(proc.pid, signal.SIGTERM)  # what `docker stop` sends; Ctrl-C takes the same path
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output.wait_for(lambda text: text.rstrip().endswith("Stopped."), 10, "end of output")
+    assert "Traceback" not in output.text and "graceful_shutdown failed" not in output.text
