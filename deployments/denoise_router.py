@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from models.request import GenerationRequest
 from scheduling.cost_model import CostModel
@@ -34,7 +34,10 @@ def pending_work_s(cost: CostModel, pending: PendingRequest) -> float | None:
     return request_work_s(cost, request, mode)
 
 
-class LeastWorkRouter(RequestRouter):
+class LeastWorkRouter(FIFOMixin, RequestRouter):
+    """FIFOMixin: a replica found for one waiting request goes to the oldest one (Serve's routing
+    tasks otherwise race, and the queue in front would serve in random order)."""
+
     def initialize_state(self, **_: Any) -> None:
         self.cost: CostModel | None = None  # the replicas' profile, from their first report
         self.ledger = BacklogLedger(default_horizon_s=0.0)
@@ -60,7 +63,8 @@ class LeastWorkRouter(RequestRouter):
             # without the flag it would hold the event loop.
             pending_request.routing_context.should_backoff = True
             return []
-        # Serve sends a request to the replica chosen here (on_request_routed is not called on every path).
+        # Serve sends a request (the oldest waiting, FIFOMixin) to the replica chosen here; on_request_routed
+        # is not called on every path. A mismatched estimate lasts until the replica's next report.
         self.ledger.sent(chosen, pending_request.metadata.internal_request_id, work, now)
         return [[by_id[chosen]]]
 

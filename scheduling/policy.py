@@ -165,6 +165,7 @@ class CostAware:
         wait_slack_s: float = 30.0,
         window_s: float = 300.0,
         max_load: float = 0.98,
+        single_replica_widening: float = 4.0,
     ) -> None:
         self.cost = cost
         self.max_batch_tokens = max_batch_tokens
@@ -173,6 +174,7 @@ class CostAware:
         self.max_load = max_load
         self.load = LoadEstimate(window_s)
         self.replicas = 1  # of this deployment: set by the owner, it scales the arrivals term
+        self.single_replica_widening = single_replica_widening
 
     def step_s(self, a: Active) -> float:
         return self.cost.step_s(a.image_tokens, a.samples, a.mode)
@@ -232,7 +234,9 @@ class CostAware:
         if not self._joins([head], head, self.behind(active, 2, now_s, waiting)):
             return self.step_s(head)
         fits = max(1, self.max_batch_tokens // head.tokens)
-        return (fits - 1) * head.total_steps * self.step_s(head)
+        # One replica has no other to keep work for: let it see more of the queue, for partners of one size.
+        widen = max(1.0, self.single_replica_widening / self.replicas)
+        return widen * (fits - 1) * head.total_steps * self.step_s(head)
 
 
 def make_policy(name: str, cost: CostModel, max_batch_tokens: int, **options: float) -> Policy:

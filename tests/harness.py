@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import httpx
 import ray
+import yaml
 from ray import serve
 
 from deployments.app import build_app
@@ -93,3 +94,17 @@ def wait_until(predicate, timeout_s: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def default_config_copy(tmp_path: Path, tiny_root: Path) -> tuple[Path, int, dict[str, str]]:
+    """serve_config.yaml on a free port, written under `tmp_path`, and the environment that keeps the
+    tiny preset's outputs and queue there: (config path, port, env) for a subprocess."""
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve_config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = os.environ | {"SRPO_TINY_DIR": str(tiny_root), "SRPO_STORAGE_DIR": str(tmp_path / "files"),
+                        "SRPO_QUEUE_DB_PATH": str(tmp_path / "requests.sqlite3")}
+    return path, port, env
+

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 import httpx
-import yaml
 
-from tests.harness import free_port
+from tests.harness import default_config_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"prompt": "x", "image_size": {"width": 32, "height": 32}, "num_inference_steps": 1}
@@ -41,13 +40,7 @@ class Output:
 
 
 def test_launcher_banner_logs_and_quiet_stop(tmp_path, tiny_root):
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    port = free_port()
-    config["http_options"]["port"] = port
-    path = tmp_path / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = os.environ | {"SRPO_TINY_DIR": str(tiny_root), "SRPO_STORAGE_DIR": str(tmp_path / "files"),
-                        "SRPO_QUEUE_DB_PATH": str(tmp_path / "requests.sqlite3")}
+    path, port, env = default_config_copy(tmp_path, tiny_root)
     proc = subprocess.Popen([sys.executable, "-m", "deployments.launch", str(path)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output = Output(proc)

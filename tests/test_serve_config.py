@@ -13,7 +13,7 @@ import httpx
 import yaml
 
 from deployments.app import AppArgs, Decoder, Denoiser, Ingress, TextEncoder
-from tests.harness import free_port
+from tests.harness import default_config_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = {"Ingress", "TextEncoder", "Denoiser", "Decoder"}
@@ -38,13 +38,7 @@ def test_default_config_fits_a_2_core_machine():
 
 
 def test_serve_run_serves_the_default_config(tmp_path, tiny_root):
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    port = free_port()
-    config["http_options"]["port"] = port
-    path = tmp_path / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = os.environ | {"SRPO_TINY_DIR": str(tiny_root), "SRPO_STORAGE_DIR": str(tmp_path / "files"),
-                         "SRPO_QUEUE_DB_PATH": str(tmp_path / "requests.sqlite3")}
+    path, port, env = default_config_copy(tmp_path, tiny_root)
     serve_bin = Path(sys.executable).with_name("serve")
     proc = subprocess.Popen([str(serve_bin), "run", str(path)], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
