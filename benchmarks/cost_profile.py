@@ -1,6 +1,7 @@
 """Write a cost profile for the Denoiser's scheduler (scheduling/cost_model.py).
 
-    .venv/bin/python -m benchmarks.cost_profile --tiny --threads 1 --profile-out scheduling/profiles/cpu-tiny.json
+    .venv/bin/python -m benchmarks.cost_profile --tiny --threads 1 --parallel 2 --modes none \\
+        --profile-out scheduling/profiles/cpu-tiny.json                                       # 2 replicas, 2 cores
     .venv/bin/python -m benchmarks.cost_profile --profile-out scheduling/profiles/h100.json  # GPU, random weights
     .venv/bin/python -m benchmarks.cost_profile --h100-default                                  # no device needed
 
@@ -14,7 +15,10 @@ forward work (a fixed per-forward cost plus a cost per unit of work), marked "fi
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import statistics
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from datetime import date
 from pathlib import Path
 
@@ -92,12 +96,14 @@ def affine(measured: dict[tuple[int, int], float], a: float) -> tuple[float, flo
     return my - slope * mx, slope
 
 
-def measure(args: argparse.Namespace, argv: list[str]) -> Profile:
+def measure_points(args: argparse.Namespace) -> dict[str, list[ProfilePoint]]:
+    """Step time per mode, preset size and batch size on this process's device."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = device_and_dtype(args)
     transformer = bench_transformer(args, device, dtype)
     modes = parse_list(args.modes)
     accelerator = Accelerator(transformer, modes)
-    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     sizes = {(w // 16) * (h // 16): (w, h) for w, h in PRESET_SIZES.values()}
     profile_modes = {}
     for mode in (m for m in modes if m in accelerator.modules):
@@ -114,10 +120,27 @@ def measure(args: argparse.Namespace, argv: list[str]) -> Profile:
                 points.append(ProfilePoint(image_tokens=tokens, batch=batch, step_ms=round(ms, 2)))
                 print(f"{mode} {width}x{height} batch {batch}: {ms:.1f} ms", flush=True)
         profile_modes[mode] = points
+    return profile_modes
+
+
+def measure(args: argparse.Namespace, argv: list[str]) -> Profile:
+    """One measuring process, or `--parallel N` at once (N replicas sharing a CPU slow each other
+    down: the profile should say what each of them sees); their mean per point."""
+    if args.parallel > 1:
+        with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs = list(pool.map(measure_points, [args] * args.parallel))
+        modes = {mode: [p.model_copy(update={"step_ms": round(statistics.fmean(r[mode][i].step_ms for r in runs), 2)})
+                        for i, p in enumerate(points)] for mode, points in runs[0].items()}
+    else:
+        modes = measure_points(args)
+    device, dtype = device_and_dtype(args)
+    transformer = bench_transformer(args, device, dtype)
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    threads = f", {args.threads or torch.get_num_threads()} thread(s) x {args.parallel} process(es)"
     return Profile(
-        device=device_label(device) + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""),
+        device=device_label(device) + (threads if device.type == "cpu" else ""),
         date=date.today().isoformat(), command=" ".join([".venv/bin/python -m benchmarks.cost_profile", *argv]),
-        attention_tokens=attention_tokens(dim), request_overhead_ms=args.overhead_ms, modes=profile_modes,
+        attention_tokens=attention_tokens(dim), request_overhead_ms=args.overhead_ms, modes=modes,
     )
 
 
@@ -128,14 +151,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", default="1,2,3,4")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, help="torch CPU threads (one per Denoiser replica on a small CPU)")
+    parser.add_argument("--parallel", type=int, default=1, help="measure in N processes at once (N replicas on one CPU)")
     parser.add_argument("--overhead-ms", type=float, default=0.0, help="per-request cost outside the Denoiser")
     parser.add_argument("--profile-out", type=Path, help="default: scheduling/profiles/h100.json with --h100-default")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if not args.h100_default and args.profile_out is None:
         parser.error("a measured profile needs --profile-out")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     profile = h100_default() if args.h100_default else measure(args, argv)
     out = args.profile_out or PROFILES / "h100.json"
     out.write_text(profile.model_dump_json(indent=1) + "\n")

@@ -53,6 +53,7 @@ class Job:
     steps: int
     num_images: int = 1
     mode: str = "none"
+    overhead_s: float | None = None  # outside the Denoiser; None: the profile's
     key: int = 0
     admitted_s: float = math.nan
     started_s: float = math.nan
@@ -69,6 +70,9 @@ class Job:
     def view(self) -> Active:
         return Active(self.key, self.admitted_s, ((self.height, self.width), self.mode), self.image_tokens,
                       self.num_images, self.mode, self.remaining, self.steps)
+
+    def overhead(self, cost: CostModel) -> float:
+        return cost.request_overhead_s if self.overhead_s is None else self.overhead_s
 
     def alone_s(self, cost: CostModel) -> float:
         return self.steps * cost.step_s(self.image_tokens, self.num_images, self.mode)
@@ -88,7 +92,7 @@ def simulate(jobs: list[Job], cost: CostModel, setup: str, replicas: int, max_ba
              seed: int = 0, policy_options: dict | None = None) -> list[Job]:
     """Run `jobs` (copied) through `replicas` Denoisers; return them with their times filled in."""
     policy_name, dispatch = SETUPS[setup]
-    jobs = [Job(j.at_s, j.width, j.height, j.steps, j.num_images, j.mode, key=i) for i, j in enumerate(jobs)]
+    jobs = [dataclasses.replace(j, key=i) for i, j in enumerate(jobs)]
     reps = [Replica(make_policy(policy_name, cost, max_batch_tokens, **(policy_options or {})))
             for _ in range(replicas)]
     for rep in reps:
@@ -148,7 +152,7 @@ def simulate(jobs: list[Job], cost: CostModel, setup: str, replicas: int, max_ba
             for job in batch:
                 job.remaining -= 1
                 if job.remaining == 0:
-                    job.finished_s = now + cost.request_overhead_s
+                    job.finished_s = now + job.overhead(cost)
             reps[i].jobs = [j for j in reps[i].jobs if j.remaining > 0]
         place(now)
         for i in range(replicas):
@@ -158,7 +162,7 @@ def simulate(jobs: list[Job], cost: CostModel, setup: str, replicas: int, max_ba
 
 def summary(jobs: list[Job], cost: CostModel) -> dict:
     latencies = sorted(j.finished_s - j.at_s for j in jobs)
-    slowdowns = sorted((j.finished_s - j.at_s) / (j.alone_s(cost) + cost.request_overhead_s) for j in jobs)
+    slowdowns = sorted((j.finished_s - j.at_s) / (j.alone_s(cost) + j.overhead(cost)) for j in jobs)
     waits = [j.started_s - j.at_s for j in jobs]
     span = max(j.finished_s for j in jobs) - min(j.at_s for j in jobs)
     return {

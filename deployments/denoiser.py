@@ -45,6 +45,7 @@ class DenoiseUpdate:
 
 
 PROGRESS_INTERVAL_S = 0.1
+ROUTING_STATS_PERIOD_S = 0.1  # how often Serve asks for record_routing_stats; routers see it a little later
 
 
 @serve.deployment(
@@ -52,7 +53,7 @@ PROGRESS_INTERVAL_S = 0.1
     max_ongoing_requests=32,
     request_router_config=serve.config.RequestRouterConfig(
         request_router_class=LeastWorkRouter,
-        request_routing_stats_period_s=0.5,
+        request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
         initial_backoff_s=0.01,
         max_backoff_s=0.05,  # a waiting request looks again at least this often
     ),
@@ -81,7 +82,7 @@ class Denoiser(ReplicaHealth):
             self.transformer,
             max_batch_tokens,
             modules=self.accelerator.modules,
-            policy=make_policy(policy, self.cost, max_batch_tokens),
+            policy=make_policy(policy, self.cost, max_batch_tokens, admit_ahead_s=2 * ROUTING_STATS_PERIOD_S),
         )
         self.engine = ObservedEngine(engine, self.runtime.metrics)  # metrics: see deployments/metrics.py
         self.accelerator.warm_up(self.scheduler_config, self.runtime.dtype, warmup_sizes, warmup_batch_sizes)
@@ -136,6 +137,9 @@ class Denoiser(ReplicaHealth):
             "active": self.engine.active,
             "acceleration_modes": sorted(self.accelerator.modules),
             "policy": self.engine.policy.name,
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "forward_seconds": {f"{tokens}x{samples}": tally for (tokens, samples), tally in
+                                self.engine.forward_seconds.items()},
         }
 
     def record_routing_stats(self) -> dict:

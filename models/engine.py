@@ -81,6 +81,8 @@ class DenoiseEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.batch_sizes: Counter[int] = Counter()  # samples per forward -> number of forwards
+        # (image tokens per sample, samples) -> [forwards, seconds]: the step costs this device really sees
+        self.forward_seconds: dict[tuple[int, int], list[float]] = {}
 
     @property
     def failure(self) -> BaseException | None:
@@ -138,6 +140,7 @@ class DenoiseEngine:
                 await self._wake.wait()
                 continue
             states = [j.state for j in batch]
+            began = time.perf_counter()
             try:
                 await asyncio.to_thread(denoise_step, self.modules[batch[0].mode], states)
             except Exception as exc:  # a failed forward fails its requests, not the engine
@@ -146,7 +149,11 @@ class DenoiseEngine:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
-            self.batch_sizes[sum(s.num_samples for s in states)] += 1
+            samples = sum(s.num_samples for s in states)
+            self.batch_sizes[samples] += 1
+            tally = self.forward_seconds.setdefault((states[0].latents.shape[1], samples), [0, 0.0])
+            tally[0] += 1
+            tally[1] += time.perf_counter() - began
             for job in batch:
                 if job.on_step is not None and not job.future.done():
                     try:

@@ -84,7 +84,11 @@ class BacklogLedger:
         self._sent.setdefault(replica, {})[request_id] = (now_s, work_s)
 
     def completed(self, replica: Hashable, request_id: str) -> None:
-        self._sent.get(replica, {}).pop(request_id, None)
+        """A request ended. Routers may send another request than the one they chose for (FIFO):
+        an unknown id retires the replica's oldest entry instead."""
+        sent = self._sent.get(replica, {})
+        if sent.pop(request_id, None) is None and sent:
+            del sent[min(sent, key=lambda r: sent[r][0])]
 
     def forget(self, replica: Hashable) -> None:
         self._reports.pop(replica, None)

@@ -166,6 +166,7 @@ class CostAware:
         window_s: float = 300.0,
         max_load: float = 0.98,
         single_replica_widening: float = 4.0,
+        admit_ahead_s: float = 0.0,
     ) -> None:
         self.cost = cost
         self.max_batch_tokens = max_batch_tokens
@@ -175,6 +176,7 @@ class CostAware:
         self.load = LoadEstimate(window_s)
         self.replicas = 1  # of this deployment: set by the owner, it scales the arrivals term
         self.single_replica_widening = single_replica_widening
+        self.admit_ahead_s = admit_ahead_s  # routers see a replica's load this late: ask for work that much sooner
 
     def step_s(self, a: Active) -> float:
         return self.cost.step_s(a.image_tokens, a.samples, a.mode)
@@ -232,7 +234,7 @@ class CostAware:
             return 0.0
         head = self.order(active, now_s)[0]
         if not self._joins([head], head, self.behind(active, 2, now_s, waiting)):
-            return self.step_s(head)
+            return self.step_s(head) + self.admit_ahead_s
         fits = max(1, self.max_batch_tokens // head.tokens)
         # One replica has no other to keep work for: let it see more of the queue, for partners of one size.
         widen = max(1.0, self.single_replica_widening / self.replicas)
@@ -240,7 +242,7 @@ class CostAware:
 
 
 def make_policy(name: str, cost: CostModel, max_batch_tokens: int, **options: float) -> Policy:
-    """`options` tune the cost-aware policy (CostAware's keyword arguments)."""
+    """`options` tune the cost-aware policy (CostAware's keyword arguments); the fixed ones have none."""
     if name == "cost":
         return CostAware(cost, max_batch_tokens, **options)
     simple = {p.name: p for p in (CoBatch, OneAtATime, RequestLevel)}
