@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Sequence
@@ -69,6 +70,7 @@ class Denoiser(ReplicaHealth):
         policy: str = "cost",
     ) -> None:
         self.runtime = StageRuntime("denoiser")
+        self.replica_key = uuid.uuid4().hex  # tells replicas apart in stats(), in Serve or not
         paths = self.runtime.paths
         self.scheduler_config = load_scheduler_config(paths.model_dir)
         self.transformer = load_transformer(
@@ -137,7 +139,7 @@ class Denoiser(ReplicaHealth):
             "active": self.engine.active,
             "acceleration_modes": sorted(self.accelerator.modules),
             "policy": self.engine.policy.name,
-            "replica": serve.get_replica_context().replica_id.unique_id,
+            "replica": self.replica_key,
             "forward_seconds": {f"{tokens}x{samples}": tally for (tokens, samples), tally in
                                 self.engine.forward_seconds.items()},
         }
