@@ -71,7 +71,7 @@ def test_a_request_whose_replicas_keep_dying_ends_with_an_error(pipeline, tmp_pa
 
 
 def test_start_timeout_and_request_deadline_are_504s(pipeline, tmp_path):
-    settings = _settings(tmp_path, queue_concurrency=1, request_timeout_s=3.0)
+    settings = _settings(tmp_path, queue_concurrency=1, request_timeout_s=1.0)  # the blocker needs >= 2.5 s
     with TestClient(build_app(SRPOService(InProcessBackend(pipeline), settings))) as client:
         slow = BODY | {"image_size": {"width": 1024, "height": 1024}, "num_inference_steps": 50}
         blocker = client.post(f"/queue/{T2I}", json=slow).json()["request_id"]
