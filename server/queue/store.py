@@ -489,9 +489,17 @@ class RedisRequestStore(RequestStore):
 
     def __init__(self, url: str, ttl_s: float, low_priority_max_wait_s: float = 300.0) -> None:
         import redis.asyncio as aioredis  # only deployments that use Redis need the package
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError, TimeoutError
+        from redis.retry import Retry
 
         super().__init__(ttl_s, low_priority_max_wait_s)
-        self._redis = aioredis.Redis.from_url(url, decode_responses=True)
+        # After a Redis restart the pool's connections are dead: check one idle for a second before use
+        # (a PING, reconnecting if needed), and retry a command that meets a closed connection.
+        self._redis = aioredis.Redis.from_url(
+            url, decode_responses=True, health_check_interval=1,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 5), retry_on_error=[ConnectionError, TimeoutError],
+        )
         self._pending = self.PREFIX + "pending"
         self._pending_low = self._pending + ":low"  # the scripts derive the same name
         self._running = self.PREFIX + "running"
