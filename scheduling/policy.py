@@ -218,10 +218,11 @@ class CostAware:
         ordered = self.order(active, now_s)
         batch = [ordered[0]]
         used = batch[0].tokens
+        others = self.behind(active, 0, now_s, waiting)  # once per forward: each member makes one fewer behind
         for m in ordered[1:]:
             if m.group != batch[0].group or used + m.tokens > self.max_batch_tokens:
                 continue
-            if not self._joins(batch, m, self.behind(active, len(batch) + 1, now_s, waiting)):
+            if not self._joins(batch, m, others - (len(batch) + 1)):
                 break  # later candidates have more remaining work: they would gain no more
             batch.append(m)
             used += m.tokens
