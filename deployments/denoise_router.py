@@ -5,10 +5,14 @@ request, and only while that work is within the horizon the replica's policy rep
 `choose_replicas` offers none and the request stays queued in this router (FIFO, retried with a
 short backoff), where whichever replica frees first takes it. Other Denoiser methods (stats,
 health, fault injection) go anywhere.
+
+The router lives in the caller's process (the Ingress replica); `denoiser_view` gives the caller
+its view of the replicas, which decides whether a multi-image request is split (GraphBackend).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -19,10 +23,18 @@ from scheduling.cost_model import CostModel
 from scheduling.dispatch import BacklogLedger, ReplicaLoad, choose_replica
 
 
+def denoise_steps(request: GenerationRequest) -> int:
+    """The steps a request runs (image-to-image runs int(steps * strength), as the pipelines do)."""
+    return request.num_inference_steps - int(request.num_inference_steps * (1 - request.strength))
+
+
+def image_tokens(request: GenerationRequest) -> int:
+    return (request.width // 16) * (request.height // 16)
+
+
 def request_work_s(cost: CostModel, request: GenerationRequest, mode: str) -> float:
-    """Estimated Denoiser time of a request run alone (image-to-image runs int(steps * strength))."""
-    steps = request.num_inference_steps - int(request.num_inference_steps * (1 - request.strength))
-    return steps * cost.step_s((request.width // 16) * (request.height // 16), request.num_images, mode)
+    """Estimated Denoiser time of a request (or of its part) run alone."""
+    return denoise_steps(request) * cost.step_s(image_tokens(request), request.samples, mode)
 
 
 def pending_work_s(cost: CostModel, pending: PendingRequest) -> float | None:
@@ -34,6 +46,14 @@ def pending_work_s(cost: CostModel, pending: PendingRequest) -> float | None:
     return request_work_s(cost, request, mode)
 
 
+_ROUTERS: dict[str, LeastWorkRouter] = {}  # by app name: the Denoiser router of each app this process calls
+
+
+def denoiser_view(app_name: str) -> LeastWorkRouter | None:
+    """This process's router to the Denoiser of `app_name`; None until its handle routed a call."""
+    return _ROUTERS.get(app_name)
+
+
 class LeastWorkRouter(FIFOMixin, RequestRouter):
     """FIFOMixin: a replica found for one waiting request goes to the oldest one (Serve's routing
     tasks otherwise race, and the queue in front would serve in random order)."""
@@ -41,23 +61,46 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, **_: Any) -> None:
         self.cost: CostModel | None = None  # the replicas' profile, from their first report
         self.ledger = BacklogLedger(default_horizon_s=0.0)
+        self._lock = threading.Lock()  # Serve routes on its own loop; `open_backlogs` is called from the caller's
+        # Serve may ship this class by value, a copy with its own module globals: register in the
+        # imported module, the one `denoiser_view` reads.
+        import deployments.denoise_router as module
 
-    async def choose_replicas(
-        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
-    ) -> list[list[RunningReplica]]:
-        for replica in candidate_replicas:
+        module._ROUTERS[self.app_name] = self
+
+    def _admission(self, replicas: list[RunningReplica], now: float) -> dict[ReplicaID, ReplicaLoad]:
+        """Each replica's backlog and the horizon it admits up to now (caller holds the lock)."""
+        for replica in replicas:
             stats = replica.routing_stats
             if "at_s" in stats:
                 self.ledger.report(replica.replica_id, ReplicaLoad(**stats["load"]), stats["at_s"])
                 self.cost = self.cost or CostModel.load(stats["cost_profile"])
+        share = self.num_pending_requests / max(len(replicas), 1)
+        loads = {r.replica_id: self.ledger.load(r.replica_id, now) for r in replicas}
+        return {rid: ReplicaLoad(load.backlog_s, load.horizon_for(share)) for rid, load in loads.items()}
+
+    def open_backlogs(self) -> list[float]:
+        """The backlog of every replica that would admit a request now (empty before their first report)."""
+        with self._lock:
+            loads = self._admission(list(self.curr_replicas.values()), time.time())
+            return [load.backlog_s for load in loads.values() if self.cost and load.backlog_s <= load.horizon_s]
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        with self._lock:
+            return self._choose(candidate_replicas, pending_request)
+
+    def _choose(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None
+    ) -> list[list[RunningReplica]]:
+        now = time.time()
+        admission = self._admission(candidate_replicas, now)
         work = pending_work_s(self.cost, pending_request) if self.cost and pending_request else None
         if work is None:
             return [candidate_replicas]  # before the first report, or not a denoise call: Serve's usual choice
-        now = time.time()
         by_id = {r.replica_id: r for r in candidate_replicas}
-        share = self.num_pending_requests / len(by_id)
-        loads = {rid: self.ledger.load(rid, now) for rid in by_id}
-        chosen = choose_replica({rid: ReplicaLoad(load.backlog_s, load.horizon_for(share)) for rid, load in loads.items()})
+        chosen = choose_replica(admission)
         if chosen is None:
             # Serve's loop calls again at once unless told to back off, and this coroutine never awaits:
             # without the flag it would hold the event loop.
@@ -69,8 +112,10 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
         return [[by_id[chosen]]]
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self.ledger.completed(replica_id, internal_request_id)
+        with self._lock:
+            self.ledger.completed(replica_id, internal_request_id)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self.ledger.forget(replica_id)
+        with self._lock:
+            self.ledger.forget(replica_id)

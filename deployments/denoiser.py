@@ -18,7 +18,7 @@ from typing import AsyncIterator, Sequence
 import torch
 from ray import serve
 
-from deployments.denoise_router import LeastWorkRouter
+from deployments.denoise_router import LeastWorkRouter, request_work_s
 from deployments.metrics import ObservedEngine
 from deployments.runtime import ReplicaHealth, StageRuntime
 from models.acceleration import MODES, WARMUP_BATCH_SIZES, WARMUP_SIZES, Accelerator
@@ -28,8 +28,9 @@ from models.loading import load_scheduler_config, load_transformer
 from models.request import GenerationRequest
 from models.text_encoding import PromptEmbedding
 from scheduling.cost_model import CostModel, default_profile_path
-from scheduling.dispatch import replica_load
+from scheduling.dispatch import backlog_s, replica_load
 from scheduling.policy import make_policy
+from server.queue.store import open_store
 
 
 @dataclass
@@ -46,6 +47,8 @@ class DenoiseUpdate:
 
 
 PROGRESS_INTERVAL_S = 0.1
+REQUEST_S_WEIGHT = 0.1  # of each new request in the running mean of request work
+FAL_DEFAULT_REQUEST = (3072, 28)  # landscape_4_3 (1024x768) image tokens, 28 steps: the work guess before any request
 ROUTING_STATS_PERIOD_S = 0.1  # how often Serve asks for record_routing_stats; routers see it a little later
 
 
@@ -87,6 +90,12 @@ class Denoiser(ReplicaHealth):
             policy=make_policy(policy, self.cost, max_batch_tokens, admit_ahead_s=2 * ROUTING_STATS_PERIOD_S),
         )
         self.engine = ObservedEngine(engine, self.runtime.metrics)  # metrics: see deployments/metrics.py
+        # For the autoscaler only (record_autoscaling_stats): the request store's waiting count, which
+        # Serve's controller cannot see, and the mean work of this replica's recent requests.
+        self.store = open_store(self.runtime.settings)
+        self.store_waiting = 0
+        tokens, steps = FAL_DEFAULT_REQUEST
+        self.request_s = steps * self.cost.step_s(tokens, 1)
         self.accelerator.warm_up(self.scheduler_config, self.runtime.dtype, warmup_sizes, warmup_batch_sizes)
 
     async def denoise(
@@ -103,6 +112,7 @@ class Denoiser(ReplicaHealth):
         update's note says so.
         """
         mode, note = self.accelerator.resolve(acceleration)
+        self.request_s += REQUEST_S_WEIGHT * (request_work_s(self.cost, request, mode) - self.request_s)
         state = await asyncio.to_thread(  # copies to the device: off the event loop
             start_state,
             request,
@@ -137,6 +147,7 @@ class Denoiser(ReplicaHealth):
         return {
             "batch_sizes": dict(self.engine.batch_sizes),
             "active": self.engine.active,
+            "most_active": self.engine.most_active,
             "acceleration_modes": sorted(self.accelerator.modules),
             "policy": self.engine.policy.name,
             "replica": self.replica_key,
@@ -149,6 +160,17 @@ class Denoiser(ReplicaHealth):
         self.engine.policy.replicas = serve.get_replica_context().world_size
         load = replica_load(self.cost, self.engine.policy, self.engine.views(), self.engine.clock())
         return {"load": dataclasses.asdict(load), "at_s": time.time(), "cost_profile": str(self.cost_profile)}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the Denoiser's autoscaling policy reads (deployments/autoscaling.py): this replica's
+        estimated backlog, the mean work of its recent requests, and the requests waiting in the
+        request store (every replica reads the same count; the policy takes the largest)."""
+        try:
+            self.store_waiting = await self.store.pending()
+        except Exception:  # an unreachable store: keep the last count (the queue itself reports the outage)
+            pass
+        return {"backlog_s": backlog_s(self.cost, self.engine.views()), "request_s": self.request_s,
+                "store_waiting": float(self.store_waiting)}
 
     async def check_health(self) -> None:
         if (failure := self.engine.failure) is not None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import time
+from typing import Callable
 
+import torch
 from ray import serve
 from ray.exceptions import (
     ActorDiedError,
@@ -19,9 +22,11 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from ray.serve.handle import DeploymentHandle
 
 from api.schemas import Output
-from deployments.metrics import ServeTelemetry
+from deployments.denoise_router import denoise_steps, denoiser_view, image_tokens
 from deployments.logs import configure_ingress_logs
+from deployments.metrics import ServeTelemetry
 from models.request import GenerationRequest, GenerationResult
+from scheduling.split import plan_split
 from server.app import build_app
 from server.service import FalInput, LogSink, SRPOService, no_log
 from settings import get_settings
@@ -41,10 +46,35 @@ class GraphBackend:
 
     def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, decoder: DeploymentHandle) -> None:
         self.stages = {"text_encoder": text_encoder, "denoiser": denoiser, "decoder": decoder}
+        self.on_the_way = 0  # requests in `generate` that no Denoiser has started yet
+
+    def has_room(self) -> bool:
+        """Whether a Denoiser replica would admit one more request than those already on their way
+        (before the router's first report: only while none is on its way)."""
+        view = denoiser_view(self.stages["denoiser"].app_name)
+        if view is None or view.cost is None:
+            return self.on_the_way == 0
+        return len(view.open_backlogs()) > self.on_the_way
 
     async def generate(
         self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str, log: LogSink = no_log
     ) -> GenerationResult:
+        self.on_the_way += 1
+        started = False
+
+        def on_start() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                self.on_the_way -= 1
+
+        try:
+            return await self._generate(request, enable_safety_checker, acceleration, log, on_start)
+        finally:
+            on_start()
+
+    async def _generate(self, request: GenerationRequest, enable_safety_checker: bool, acceleration: str,
+                        log: LogSink, on_start: Callable[[], None]) -> GenerationResult:
         began = time.perf_counter()
         text, denoiser, decoder = self.stages.values()
         log("Encoding the prompt")
@@ -55,27 +85,64 @@ class GraphBackend:
             image_start = decoder.encode_image.remote(
                 request.image, request.height, request.width, request.seed, request.num_images
             )
-        # Cancelling this coroutine cancels the stream, which takes the request out of the engine.
-        stream = denoiser.options(stream=True).denoise.remote(
-            dataclasses.replace(request, image=None), embedding, image_start, acceleration
-        )
-        latents, logged = None, 0
+        parts = self.parts(dataclasses.replace(request, image=None), acceleration)
+        if len(parts) > 1:
+            log(f"Splitting {request.num_images} images over {len(parts)} Denoiser replicas: "
+                + ", ".join(str(part.samples) for part in parts))
+        # Cancelling this coroutine cancels the streams, which takes the parts out of their engines.
+        streams = [denoiser.options(stream=True).denoise.remote(part, embedding, image_start, acceleration)
+                   for part in parts]
         try:
-            async for update in stream:
-                if update.note:
-                    log(update.note)
-                if update.step == 0:
-                    log(f"Denoising {request.num_images} image(s) at {request.width}x{request.height}")
-                for step in range(logged + 1, update.step + 1):  # updates are coalesced
-                    log(f"step {step}/{update.total}")
-                logged = max(logged, update.step)
-                latents = update.latents
-        except asyncio.CancelledError:
-            stream.cancel()  # leaving the iteration alone does not stop the replica's generator
+            latents = await self._follow(streams, request, log, on_start)
+        except BaseException:
+            for stream in streams:
+                stream.cancel()  # leaving the iteration alone does not stop the replica's generator
             raise
         log("Decoding" + (" and checking safety" if enable_safety_checker else ""))
         decoded = await decoder.decode.remote(latents, request.height, request.width, enable_safety_checker)
         return GenerationResult(decoded.images, decoded.has_nsfw_concepts, request.seed, time.perf_counter() - began)
+
+    def parts(self, request: GenerationRequest, acceleration: str) -> list[GenerationRequest]:
+        """The Denoiser calls of a request: one, or several parts of its samples when replicas that
+        admit work now would finish them sooner (scheduling/split.py)."""
+        view = denoiser_view(self.stages["denoiser"].app_name)
+        if request.num_images == 1 or view is None or view.cost is None:
+            return [request]
+        counts = plan_split(view.cost, image_tokens(request), request.num_images, denoise_steps(request),
+                            acceleration, view.open_backlogs(), view.cost.part_overhead_s)
+        starts = itertools.accumulate(counts, initial=0)
+        return [dataclasses.replace(request, sample_range=(start, start + n)) for start, n in zip(starts, counts)]
+
+    @staticmethod
+    async def _follow(streams: list, request: GenerationRequest, log: LogSink,
+                      on_start: Callable[[], None]) -> torch.Tensor:
+        """Follow the parts' progress streams; log each step once all parts have done it; the latents
+        of all parts in sample order. `on_start` runs when the first part starts."""
+        done, latents, notes = [0] * len(streams), [None] * len(streams), set()
+
+        async def follow(i: int, stream) -> None:
+            async for update in stream:
+                if update.step == 0 and not notes:
+                    notes.add(None)
+                    on_start()
+                    log(f"Denoising {request.num_images} image(s) at {request.width}x{request.height}")
+                if update.note and update.note not in notes:
+                    notes.add(update.note)
+                    log(update.note)
+                before = min(done)
+                done[i] = max(done[i], update.step)
+                for step in range(before + 1, min(done) + 1):  # updates are coalesced
+                    log(f"step {step}/{update.total}")
+                if update.latents is not None:
+                    latents[i] = update.latents
+
+        tasks = [asyncio.ensure_future(follow(i, stream)) for i, stream in enumerate(streams)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:  # one part failed: stop following the others
+                task.cancel()
+        return latents[0] if len(latents) == 1 else torch.cat(latents)
 
     def is_transient(self, exc: BaseException | None) -> bool:
         # Ray raises e.g. `RayTaskError(ActorDiedError)` (an instance of both), and Serve's router a

@@ -95,6 +95,8 @@ def start_state(
     else:
         image_latents, noise = image_latents_and_noise
         latents = noised_image_latents(image_latents.to(device, dtype), noise.to(device, dtype), schedule)
+    if request.sample_range is not None:  # the noise of every sample is drawn, so each keeps its own
+        latents = latents[slice(*request.sample_range)]
     return DenoiseState.start(
         latents,
         prompt_embeds.to(device, dtype),

@@ -81,6 +81,7 @@ class DenoiseEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.batch_sizes: Counter[int] = Counter()  # samples per forward -> number of forwards
+        self.most_active = 0  # the most requests it held at once (work should wait in front, not here)
         # (image tokens per sample, samples) -> [forwards, seconds]: the step costs this device really sees
         self.forward_seconds: dict[tuple[int, int], list[float]] = {}
 
@@ -109,6 +110,7 @@ class DenoiseEngine:
         future = asyncio.get_running_loop().create_future()
         job = _Job(next(self._counter), self.clock(), state, future, on_step, mode)
         self._jobs.append(job)
+        self.most_active = max(self.most_active, self.active)
         self.policy.admitted(job.view(), job.arrived_s)
         self._wake.set()
         return future

@@ -21,6 +21,14 @@ class GenerationRequest:
     # image-to-image: the source image (already RGB) and how much of the schedule to run
     image: Image.Image | None = None
     strength: float = 1.0
+    # A request split across Denoiser replicas (scheduling/split.py): this call denoises samples
+    # [start, stop) of the num_images whose noise the seed draws.
+    sample_range: tuple[int, int] | None = None
+
+    @property
+    def samples(self) -> int:
+        """The samples this call denoises."""
+        return self.num_images if self.sample_range is None else self.sample_range[1] - self.sample_range[0]
 
 
 @dataclass

@@ -37,6 +37,9 @@ class Profile(BaseModel):
     command: str = Field(description="what produced the measured points")
     attention_tokens: float = Field(gt=0)
     request_overhead_ms: float = Field(0.0, ge=0, description="per request, outside the Denoiser (encode, decode)")
+    part_overhead_ms: float = Field(
+        20.0, ge=0, description="per extra Denoiser call when a request's samples are split (estimated, not measured)"
+    )
     modes: dict[str, list[ProfilePoint]]
     notes: str = ""
 
@@ -91,6 +94,10 @@ class CostModel:
     @property
     def request_overhead_s(self) -> float:
         return self.profile.request_overhead_ms / 1000
+
+    @property
+    def part_overhead_s(self) -> float:
+        return self.profile.part_overhead_ms / 1000
 
     def step_s(self, image_tokens: int, samples: int, mode: str = "none") -> float:
         """Seconds for one forward of `samples` samples of `image_tokens` each; unprofiled modes cost as 'none'."""

@@ -51,6 +51,10 @@ class GenerationBackend(Protocol):
         """Whether `exc` is a failure of the infrastructure (worth running the request again)."""
         ...
 
+    def has_room(self) -> bool:
+        """Whether a request handed over now would start soon (the queue claims from its store only then)."""
+        ...
+
 
 class InProcessBackend:
     """The whole pipeline in this process, one request at a time (tests, quick local use)."""
@@ -58,6 +62,7 @@ class InProcessBackend:
     def __init__(self, pipeline: SRPOPipeline) -> None:
         self.pipeline = pipeline
         self._lock = asyncio.Lock()
+        self._calls = 0
 
     async def generate(
         self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str, log: LogSink = no_log
@@ -65,12 +70,19 @@ class InProcessBackend:
         def on_step(done: int, total: int) -> None:
             log(f"step {done}/{total}")
 
-        async with self._lock:
-            log("Generating in-process: prompt, denoising, decoding")
-            return await asyncio.to_thread(self.pipeline.generate, request, enable_safety_checker, on_step)
+        self._calls += 1
+        try:
+            async with self._lock:
+                log("Generating in-process: prompt, denoising, decoding")
+                return await asyncio.to_thread(self.pipeline.generate, request, enable_safety_checker, on_step)
+        finally:
+            self._calls -= 1
 
     def is_transient(self, exc: BaseException) -> bool:
         return False  # one process: nothing to fail over to
+
+    def has_room(self) -> bool:
+        return self._calls == 0
 
 
 def fit_to_pixel_cap(width: int, height: int, max_pixels: int) -> tuple[int, int]:

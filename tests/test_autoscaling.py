@@ -1,23 +1,31 @@
-"""The Denoiser scales from 1 to 2 replicas under sustained load and back to 1 after it (CPU, tiny model)."""
+"""The Denoiser scales on estimated work (deployments/autoscaling.py), CPU, tiny model: from 1 to 2
+replicas under sustained sync load and back, and again for a backlog that waits in the request store."""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 from ray import serve
+from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from tests.harness import APP_NAME, running_serve, tiny_env
+from deployments.autoscaling import DenoiserWorkPolicy, work_estimate
+from tests.harness import APP_NAME, running_serve, tiny_env, wait_until
+from tests.queue_helpers import APP, REQUESTS
 
 FAST_AUTOSCALING = {
     "min_replicas": 1,
     "max_replicas": 2,
-    "target_ongoing_requests": 1,
     "upscale_delay_s": 0.5,
     "downscale_delay_s": 3,
     "look_back_period_s": 2,
+    "metrics_interval_s": 0.5,
+    "policy": {"policy_function": "deployments.autoscaling:DenoiserWorkPolicy",
+               "policy_kwargs": {"target_backlog_s": 2.0}},
 }
+# 512x512 for 30 steps: ~0.6 s of estimated work each on the CPU profile.
+LOAD = {"prompt": "load", "image_size": {"width": 512, "height": 512}, "num_inference_steps": 30,
+        "enable_safety_checker": False}
 
 
 def _running_denoisers() -> int:
@@ -25,28 +33,39 @@ def _running_denoisers() -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
-def _wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False
+def _context(metrics: dict[str, dict[str, float]], queued: float, replicas: int = 1) -> AutoscalingContext:
+    return AutoscalingContext(
+        deployment_id=None, deployment_name="Denoiser", app_name=APP_NAME, current_num_replicas=replicas,
+        target_num_replicas=replicas, running_replicas=[], total_num_requests=queued, total_queued_requests=queued,
+        aggregated_metrics=metrics, raw_metrics=None, capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=8, policy_state={}, last_scale_up_time=None, last_scale_down_time=None,
+        current_time=None, config=AutoscalingConfig(**FAST_AUTOSCALING))
 
 
-def test_denoiser_scales_up_under_load_and_back_down(tiny_root, tmp_path):
+def test_the_policy_counts_seconds_of_work_not_requests():
+    policy = DenoiserWorkPolicy(target_backlog_s=10.0)
+    # Two replicas each holding 6 s, 3 requests queued in routers and 5 in the store at 2 s each.
+    busy = {"backlog_s": {"a": 6.0, "b": 6.0}, "request_s": {"a": 2.0, "b": 2.0}, "store_waiting": {"a": 5.0, "b": 5.0}}
+    assert work_estimate(_context(busy, queued=3)).total_s == 12.0 + 8 * 2.0
+    assert policy(_context(busy, queued=3, replicas=2))[0] == 2.8
+    # The same count of requests, each 10x the work: 10x the replicas.
+    heavy = busy | {"request_s": {"a": 20.0, "b": 20.0}, "backlog_s": {"a": 60.0, "b": 60.0}}
+    assert policy(_context(heavy, queued=3, replicas=2))[0] == 28.0
+    assert policy(_context({}, queued=0))[0] == 0.0  # idle: Serve's bounds keep min_replicas
+
+
+def test_denoiser_scales_on_sync_load_and_on_a_backlog_in_the_request_store(tiny_root, tmp_path):
     args = {"deployment_options": {"Denoiser": {"autoscaling_config": FAST_AUTOSCALING}}}
     with running_serve(tiny_env(tiny_root, tmp_path), args) as base:
         assert _running_denoisers() == 1
+        # Sync requests: they wait in Serve's router in front of the Denoiser.
         stop = threading.Event()
         failures: list[str] = []
 
         def client_loop() -> None:
-            body = {"prompt": "load", "image_size": {"width": 512, "height": 512}, "num_inference_steps": 30,
-                    "sync_mode": True, "enable_safety_checker": False}
             with httpx.Client(timeout=120) as client:
                 while not stop.is_set():
-                    response = client.post(f"{base}/fal-ai/flux/srpo", json=body)
+                    response = client.post(f"{base}/fal-ai/flux/srpo", json=LOAD | {"sync_mode": True})
                     if response.status_code != 200:
                         failures.append(response.text)
 
@@ -54,11 +73,25 @@ def test_denoiser_scales_up_under_load_and_back_down(tiny_root, tmp_path):
         for t in threads:
             t.start()
         try:
-            scaled_up = _wait_for(lambda: _running_denoisers() >= 2, timeout_s=90)
+            wait_until(lambda: _running_denoisers() >= 2, 90, "a second Denoiser under sync load")
         finally:
             stop.set()
             for t in threads:
                 t.join(timeout=120)
-        assert scaled_up, "Denoiser never reached 2 replicas under load"
         assert not failures
-        assert _wait_for(lambda: _running_denoisers() == 1, timeout_s=90), "Denoiser did not scale back to 1"
+        wait_until(lambda: _running_denoisers() == 1, 90, "the Denoisers to scale back to 1")
+
+        # Queued requests: the ingress claims only what a Denoiser can start soon, so the rest waits
+        # in the request store, where the Denoisers' autoscaling metrics count it.
+        with httpx.Client(base_url=base, timeout=60) as client:
+            ids = [client.post(f"/queue/{APP}", json=LOAD | {"seed": i}).json()["request_id"] for i in range(12)]
+
+            def statuses() -> list[str]:
+                return [client.get(f"{REQUESTS}/{i}/status").json()["status"] for i in ids]
+
+            assert statuses().count("IN_QUEUE") >= 8, "the backlog should wait in the store"
+            wait_until(lambda: _running_denoisers() >= 2, 90, "a second Denoiser for the store's backlog")
+            wait_until(lambda: statuses() == ["COMPLETED"] * 12, 180, "the backlog to complete")
+            for request_id in ids:
+                result = client.get(f"{REQUESTS}/{request_id}")
+                assert result.status_code == 200 and len(result.json()["images"]) == 1, result.text

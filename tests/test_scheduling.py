@@ -11,6 +11,7 @@ from benchmarks.simulate import Job, simulate
 from scheduling.cost_model import PROFILES, CostModel, Profile, ProfilePoint
 from scheduling.dispatch import BacklogLedger, ReplicaLoad, choose_replica
 from scheduling.policy import Active, CostAware, Waiting
+from scheduling.split import even_parts, plan_split
 
 H100 = CostModel.load(PROFILES / "h100.json")
 
@@ -124,3 +125,20 @@ def test_the_ledger_runs_reports_down_and_adds_what_was_sent_since():
     assert ledger.load("r", 13.0).backlog_s == 2.0
     ledger.forget("r")
     assert ledger.load("r", 13.0).backlog_s == 0.0
+
+
+def test_multi_image_requests_split_only_over_free_replicas_and_only_when_faster():
+    # 1024x768 fills an H100: four idle replicas finish four images ~3.9x sooner than one.
+    assert plan_split(H100, 3072, 4, 28, "none", [0.0, 0.0, 0.0, 0.0], 0.02) == [1, 1, 1, 1]
+    assert plan_split(H100, 3072, 4, 28, "none", [0.0, 0.0], 0.02) == [2, 2]
+    assert plan_split(H100, 3072, 3, 28, "none", [0.0, 0.0], 0.02) == [2, 1]
+    assert plan_split(H100, 3072, 4, 28, "none", [0.0], 0.02) == [4]  # one free replica: one call
+    assert plan_split(H100, 3072, 4, 28, "none", [], 0.02) == [4]  # none free: the request waits whole
+    # A second replica busy for longer than the whole request would take alone: no split.
+    alone = 28 * H100.step_s(3072, 4)
+    assert plan_split(H100, 3072, 4, 28, "none", [0.0, alone], 0.02) == [4]
+    # Where batching is almost free, the extra call costs more than it saves.
+    nearly_free = flat_profile({1: 100.0, 2: 101.0})
+    assert plan_split(nearly_free, 3072, 2, 28, "none", [0.0, 0.0], 0.05) == [2]
+    assert plan_split(nearly_free, 3072, 2, 28, "none", [0.0, 0.0], 0.0) == [1, 1]
+    assert even_parts(4, 3) == [2, 1, 1] and even_parts(2, 2) == [1, 1]

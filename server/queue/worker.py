@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 SIDECAR_INTERVAL_S = 0.2
 IDLE_POLL_S = 0.5
+ROOM_POLL_S = 0.05  # while the backend has no room, how often to look again (an in-process check)
 STORE_OUTAGE_S = 300.0  # how long a finished request waits for an unreachable store before giving up
 TIMEOUT_TYPE_HEADER = "X-Fal-Request-Timeout-Type"
 T = TypeVar("T")
@@ -109,28 +110,35 @@ class QueueWorker:
         self._change = asyncio.Event()
 
     async def _loop(self) -> None:
-        next_sweep = 0.0
+        next_sweep = next_report = 0.0
         while True:
+            held = False
             try:
                 if time.monotonic() >= next_sweep:
                     requeued = await self.store.requeue_expired()
                     if requeued:
                         logger.warning("re-queued %d request(s) whose replica stopped", len(requeued))
                     next_sweep = time.monotonic() + self.settings.queue_lease_s / 3
-                while len(self._running) < self.settings.queue_concurrency:
+                # Work waits in the store, not in front of busy Denoisers: claim only what the backend can
+                # start soon, one at a time (a claimed request reaches the backend a moment later).
+                if len(self._running) < self.settings.queue_concurrency and self.service.backend.has_room():
                     record = await self.store.claim(self.worker_id, self.settings.queue_lease_s)
-                    if record is None:
-                        break
-                    self._changed()
-                    task = asyncio.get_running_loop().create_task(self._start(record))
-                    self._running[record.id] = task
-                    task.add_done_callback(lambda _, rid=record.id: self._finished(rid))
+                    if record is not None:
+                        self._changed()
+                        task = asyncio.get_running_loop().create_task(self._start(record))
+                        self._running[record.id] = task
+                        task.add_done_callback(lambda _, rid=record.id: self._finished(rid))
+                        held = True
+                elif len(self._running) < self.settings.queue_concurrency:
+                    held = True
                 self.telemetry.requests_running("queue", len(self._running))
-                self.telemetry.requests_waiting(await self.store.pending())
+                if time.monotonic() >= next_report:
+                    self.telemetry.requests_waiting(await self.store.pending())
+                    next_report = time.monotonic() + IDLE_POLL_S
             except Exception:
                 logger.exception("queue worker loop failed; retrying")
-            try:
-                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
+            try:  # room opens without a wake-up (a sync request ends, a replica is added): look again soon
+                await asyncio.wait_for(self._wake.wait(), ROOM_POLL_S if held else IDLE_POLL_S)
             except TimeoutError:
                 pass
             self._wake.clear()
