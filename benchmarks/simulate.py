@@ -11,7 +11,8 @@ forward at a time, costed by a profile (scheduling/cost_model.py). Three set-ups
   Serve's default router: the less loaded of two random replicas, up to 32 requests each);
 - fcfs: one request at a time per replica; requests wait in front, FIFO, for the first free replica;
 - cost: the cost-aware policy; requests wait in front, FIFO, and go to a replica through
-  scheduling/dispatch.py (least remaining work, within the horizon the replica's policy sets).
+  scheduling/dispatch.py (least remaining work, within the horizon the replica's policy sets); a
+  multi-image request splits over the replicas that admit work when scheduling/split.py says so.
 
 A request's latency is its time in the Denoisers plus the profile's per-request overhead (text
 encoding and decoding, which run on other replicas and are not queued here).
@@ -38,8 +39,9 @@ from benchmarks.common import RESULTS_DIR, Result, markdown_table, render
 from scheduling.cost_model import PROFILES, CostModel
 from scheduling.dispatch import ReplicaLoad, choose_replica, replica_load
 from scheduling.policy import Active, Policy, make_policy
+from scheduling.split import plan_split
 
-SETUPS = {"today": ("cobatch", "early"), "fcfs": ("fcfs", "front"), "cost": ("cost", "front")}
+SETUPS = {"today": ("cobatch", "early"), "fcfs": ("fcfs", "front"), "cost": ("cost", "split")}
 MAX_ONGOING = 32  # Serve's max_ongoing_requests per Denoiser replica today
 
 
@@ -55,6 +57,9 @@ class Job:
     mode: str = "none"
     overhead_s: float | None = None  # outside the Denoiser; None: the profile's
     key: int = 0
+    whole: Job | None = field(default=None, repr=False)  # a part of this split request
+    parts: int = 1  # Denoiser calls it runs as
+    parts_left: int = 0  # a split request: parts still running
     admitted_s: float = math.nan
     started_s: float = math.nan
     finished_s: float = math.nan
@@ -93,6 +98,7 @@ def simulate(jobs: list[Job], cost: CostModel, setup: str, replicas: int, max_ba
     """Run `jobs` (copied) through `replicas` Denoisers; return them with their times filled in."""
     policy_name, dispatch = SETUPS[setup]
     jobs = [dataclasses.replace(j, key=i) for i, j in enumerate(jobs)]
+    part_keys = itertools.count(len(jobs))
     reps = [Replica(make_policy(policy_name, cost, max_batch_tokens, **(policy_options or {})))
             for _ in range(replicas)]
     for rep in reps:
@@ -123,6 +129,17 @@ def simulate(jobs: list[Job], cost: CostModel, setup: str, replicas: int, max_ba
             for i, r in enumerate(reps):
                 load = replica_load(cost, r.policy, r.views(), now, up_to=share)  # the same horizon, sooner
                 loads[i] = ReplicaLoad(load.backlog_s, load.horizon_for(share))
+            job = front[0]
+            if dispatch == "split" and job.num_images > 1 and job.whole is None:  # as GraphBackend.parts
+                open_ = [load.backlog_s for load in loads.values() if load.backlog_s <= load.horizon_s]
+                counts = plan_split(cost, job.image_tokens, job.num_images, job.steps, job.mode, open_,
+                                    cost.part_overhead_s)
+                if len(counts) > 1:
+                    front.popleft()
+                    job.parts = job.parts_left = len(counts)
+                    front.extendleft(reversed([dataclasses.replace(job, num_images=n, key=next(part_keys), whole=job)
+                                               for n in counts]))
+                    continue
             chosen = choose_replica(loads)
             if chosen is None:
                 return
@@ -138,6 +155,8 @@ def simulate(jobs: list[Job], cost: CostModel, setup: str, replicas: int, max_ba
         for job in batch:
             if math.isnan(job.started_s):
                 job.started_s = now
+                if job.whole is not None and math.isnan(job.whole.started_s):
+                    job.whole.started_s = now
         rep.busy = True
         duration = cost.step_s(head.image_tokens, sum(j.num_images for j in batch), head.mode)
         heapq.heappush(events, (now + duration, next(order), "step", (i, batch)))
@@ -153,6 +172,10 @@ def simulate(jobs: list[Job], cost: CostModel, setup: str, replicas: int, max_ba
                 job.remaining -= 1
                 if job.remaining == 0:
                     job.finished_s = now + job.overhead(cost)
+                    if job.whole is not None:  # the request ends with its last part
+                        job.whole.parts_left -= 1
+                        if job.whole.parts_left == 0:
+                            job.whole.finished_s = job.finished_s + (job.whole.parts - 1) * cost.part_overhead_s
             reps[i].jobs = [j for j in reps[i].jobs if j.remaining > 0]
         place(now)
         for i in range(replicas):

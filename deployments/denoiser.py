@@ -30,7 +30,7 @@ from models.text_encoding import PromptEmbedding
 from scheduling.cost_model import CostModel, default_profile_path
 from scheduling.dispatch import backlog_s, replica_load
 from scheduling.policy import make_policy
-from server.queue.store import open_store
+from server.queue.store import RequestStore, open_store
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Denoiser(ReplicaHealth):
         self.engine = ObservedEngine(engine, self.runtime.metrics)  # metrics: see deployments/metrics.py
         # For the autoscaler only (record_autoscaling_stats): the request store's waiting count, which
         # Serve's controller cannot see, and the mean work of this replica's recent requests.
-        self.store = open_store(self.runtime.settings)
+        self.store: RequestStore | None = None  # opened on the first autoscaling report
         self.store_waiting = 0
         tokens, steps = FAL_DEFAULT_REQUEST
         self.request_s = steps * self.cost.step_s(tokens, 1)
@@ -166,6 +166,7 @@ class Denoiser(ReplicaHealth):
         estimated backlog, the mean work of its recent requests, and the requests waiting in the
         request store (every replica reads the same count; the policy takes the largest)."""
         try:
+            self.store = self.store or open_store(self.runtime.settings)
             self.store_waiting = await self.store.pending()
         except Exception:  # an unreachable store: keep the last count (the queue itself reports the outage)
             pass

@@ -49,10 +49,11 @@ class GraphBackend:
         self.on_the_way = 0  # requests in `generate` that no Denoiser has started yet
 
     def has_room(self) -> bool:
-        """Whether a Denoiser replica would admit one more request than those already on their way
-        (before the router's first report: only while none is on its way)."""
+        """Whether a Denoiser replica would admit one more request than those already on their way.
+        Before the router's first report, or with no replica running (scaled to zero: a request at
+        the handle is what starts one), only while none is on its way."""
         view = denoiser_view(self.stages["denoiser"].app_name)
-        if view is None or view.cost is None:
+        if view is None or view.cost is None or not view.curr_replicas:
             return self.on_the_way == 0
         return len(view.open_backlogs()) > self.on_the_way
 

@@ -32,8 +32,10 @@ STAGES = ("Denoiser", "TextEncoder", "Decoder")
 FAST_HEALTH = {"health_check_period_s": 1, "health_check_timeout_s": 10}
 
 
-def body(stage: str, i: int, steps: int = 12) -> dict[str, Any]:
+def body(stage: str, i: int, steps: int | None = None) -> dict[str, Any]:
     # A prompt of its own per request: the TextEncoder's cache must not answer for a killed replica.
+    # Denoiser chaos: long enough to be caught denoising (a replica holds only what it can start soon).
+    steps = steps or (40 if stage == "Denoiser" else 12)
     return {"prompt": f"{stage} chaos {i}", "seed": 100 + i, "image_size": {"width": 256, "height": 256},
             "num_inference_steps": steps, "output_format": "png", "enable_safety_checker": False}
 
@@ -105,9 +107,12 @@ def test_sigkill_of_a_stage_replica_loses_no_request(server, reference, stage):
     killed: list[str] = []
 
     def kill(client: httpx.Client, queued: list[str]) -> None:
-        if stage == "Denoiser":  # while it denoises
-            wait_until(lambda: any(m.startswith("step ") for q in queued for m in logs_of(client, q)), 60,
-                       "denoising to start")
+        if stage == "Denoiser":  # while a queued request denoises
+            def denoising() -> bool:
+                logs = [logs_of(client, q) for q in queued]
+                return any(any(m.startswith("step ") for m in ms) and "Decoding" not in ms for ms in logs)
+
+            wait_until(denoising, 60, "a queued request to be denoising")
         elif stage == "Decoder":  # while it decodes
             wait_until(lambda: any("Decoding" in " ".join(logs_of(client, q)) for q in queued), 60, "decoding")
         killed.append(sigkill(stage))
