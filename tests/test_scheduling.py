@@ -142,3 +142,13 @@ def test_multi_image_requests_split_only_over_free_replicas_and_only_when_faster
     assert plan_split(nearly_free, 3072, 2, 28, "none", [0.0, 0.0], 0.05) == [2]
     assert plan_split(nearly_free, 3072, 2, 28, "none", [0.0, 0.0], 0.0) == [1, 1]
     assert even_parts(4, 3) == [2, 1, 1] and even_parts(2, 2) == [1, 1]
+
+
+def test_the_simulator_splits_a_four_image_request_over_four_idle_replicas():
+    request = Job(0.0, 1024, 768, 28, num_images=4)
+    whole = simulate([request], H100, "fcfs", replicas=4)[0]
+    split = simulate([request], H100, "cost", replicas=4)[0]
+    assert whole.finished_s == pytest.approx(28 * H100.step_s(3072, 4) + H100.request_overhead_s)
+    assert split.finished_s == pytest.approx(28 * H100.step_s(3072, 1) + H100.request_overhead_s
+                                             + 3 * H100.part_overhead_s)
+    assert split.finished_s < whole.finished_s / 3.5
