@@ -2,11 +2,11 @@
 
     .venv/bin/python -m benchmarks.cost_profile --tiny --threads 1 --parallel 2 --modes none \\
         --profile-out scheduling/profiles/cpu-tiny.json          # the CPU profile
-    .venv/bin/python -m benchmarks.sim_agreement [--requests 80] [--load 0.4]
+    .venv/bin/python -m benchmarks.sim_agreement [--requests 80] [--load 0.3]
 
 Starts the Serve graph on the tiny model (CPU) with two Denoiser replicas (one torch thread each)
-and the cost-aware policy, measures each trace size's unloaded time outside the Denoiser (latency
-minus the profile's denoising time), then replays a Poisson trace of mixed sizes and steps through
+and the cost-aware policy, measures each trace size's unloaded time outside the Denoiser's forwards
+(latency minus the forward time the Denoisers measured), then replays a Poisson trace of mixed sizes and steps through
 HTTP at the recorded times. The same trace goes through benchmarks/simulate.py twice: with the
 step costs the Denoisers measured during the trace (on 2 cores the Decoder and the Ingress take
 CPU from them: steps are slower than alone), and with the isolated CPU profile.
@@ -73,21 +73,8 @@ async def replay(base: str, jobs: list[Job]) -> list[float]:
         return list(await asyncio.gather(*(one(i, j) for i, j in enumerate(jobs))))
 
 
-async def unloaded_overheads_s(base: str, cost: CostModel) -> dict[tuple[int, int], float]:
-    """Per trace size: median of (unloaded latency - the profile's denoising time), the time spent
-    outside the Denoiser (encoding, decoding the image, which grows with its size, and the hops)."""
-    overheads: dict[tuple[int, int], list[float]] = {size: [] for size in SIZES}
-    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
-        for i, size in enumerate(SIZES * 3):
-            job = Job(0.0, *size, 8)
-            sent = time.perf_counter()
-            (await client.post(T2I, json=body(job, 10_000 + i))).raise_for_status()
-            overheads[size].append(time.perf_counter() - sent - job.alone_s(cost))
-    return {size: statistics.median(values) for size, values in overheads.items()}
-
-
-def in_situ_profile(isolated: CostModel) -> CostModel:
-    """The step costs the Denoisers saw during the trace (every forward, both replicas), as a profile."""
+def forward_tallies() -> dict[str, list[float]]:
+    """Both Denoiser replicas' forwards so far, merged: "<image tokens>x<samples>" -> [count, seconds]."""
     handle = serve.get_deployment_handle("Denoiser", APP_NAME)
     tallies: dict[str, dict] = {}
     for _ in range(100):  # each call reaches one replica; ask until both have answered
@@ -101,8 +88,30 @@ def in_situ_profile(isolated: CostModel) -> CostModel:
             merged.setdefault(key, [0, 0.0])
             merged[key][0] += count
             merged[key][1] += seconds
+    return merged
+
+
+def unloaded_overheads_s(base: str) -> dict[tuple[int, int], float]:
+    """Per trace size: median of (unloaded latency - the forwards' own time, as the Denoisers measured
+    it), the time spent outside the Denoiser's forwards (encoding, decoding the image, which grows with
+    its size, admission and the hops)."""
+    overheads: dict[tuple[int, int], list[float]] = {size: [] for size in SIZES}
+    with httpx.Client(base_url=base, timeout=600) as client:
+        for i, size in enumerate(SIZES * 3):
+            before = forward_tallies()
+            sent = time.perf_counter()
+            client.post(T2I, json=body(Job(0.0, *size, 8), 10_000 + i)).raise_for_status()
+            latency = time.perf_counter() - sent
+            denoised = sum(seconds - before.get(key, [0, 0.0])[1] for key, (_, seconds) in forward_tallies().items())
+            overheads[size].append(latency - denoised)
+    return {size: statistics.median(values) for size, values in overheads.items()}
+
+
+def in_situ_profile(isolated: CostModel, before: dict[str, list[float]]) -> CostModel:
+    """The step costs the Denoisers saw during the trace (every forward after `before`), as a profile."""
     points = [ProfilePoint(image_tokens=int(key.split("x")[0]), batch=int(key.split("x")[1]),
-                           step_ms=1000 * seconds / count) for key, (count, seconds) in merged.items()]
+                           step_ms=1000 * (seconds - before.get(key, [0, 0.0])[1]) / (count - before.get(key, [0])[0]))
+              for key, (count, seconds) in forward_tallies().items() if count > before.get(key, [0])[0]]
     return CostModel(isolated.profile.model_copy(update={
         "modes": {"none": points}, "command": "forward times the Denoisers measured during the trace"}))
 
@@ -110,7 +119,7 @@ def in_situ_profile(isolated: CostModel) -> CostModel:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=80)
-    parser.add_argument("--load", type=float, default=0.4, help="of two replicas' capacity by the isolated profile")
+    parser.add_argument("--load", type=float, default=0.3, help="of two replicas' capacity by the isolated profile")
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--profile", type=Path, default=PROFILES / "cpu-tiny.json")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -120,10 +129,11 @@ def main(argv: list[str] | None = None) -> None:
         env = tiny_env(get_settings().tiny_dir, Path(tmp), OMP_NUM_THREADS="1", SRPO_COST_PROFILE=str(args.profile))
         options = {"Denoiser": {"num_replicas": 2, "autoscaling_config": None}}
         with running_serve(env, {"deployment_options": options}) as base:
-            overheads = asyncio.run(unloaded_overheads_s(base, cost))
+            overheads = unloaded_overheads_s(base)
             jobs = make_trace(args.requests, args.load, cost, overheads, args.seed)
+            before = forward_tallies()
             per_request = asyncio.run(replay(base, jobs))
-            in_situ = in_situ_profile(cost)
+            in_situ = in_situ_profile(cost, before)
     measured = sorted(per_request)
     options = {"admit_ahead_s": 0.2}  # as the Denoiser sets it
     simulated_jobs = simulate(jobs, in_situ, "cost", replicas=2, policy_options=options)

@@ -21,11 +21,12 @@ FAST_AUTOSCALING = {
     "look_back_period_s": 2,
     "metrics_interval_s": 0.5,
     "policy": {"policy_function": "deployments.autoscaling:DenoiserWorkPolicy",
-               "policy_kwargs": {"target_backlog_s": 2.0}},
+               "policy_kwargs": {"target_backlog_s": 0.5}},
 }
-# 512x512 for 30 steps: ~0.6 s of estimated work each on the CPU profile.
+# Estimated work on the CPU profile: ~0.2 s (512x512, 30 steps); a backlog of 12 is ~15 s (1024x1024).
 LOAD = {"prompt": "load", "image_size": {"width": 512, "height": 512}, "num_inference_steps": 30,
         "enable_safety_checker": False}
+BACKLOG = LOAD | {"image_size": {"width": 1024, "height": 1024}}
 
 
 def _running_denoisers() -> int:
@@ -84,7 +85,7 @@ def test_denoiser_scales_on_sync_load_and_on_a_backlog_in_the_request_store(tiny
         # Queued requests: the ingress claims only what a Denoiser can start soon, so the rest waits
         # in the request store, where the Denoisers' autoscaling metrics count it.
         with httpx.Client(base_url=base, timeout=60) as client:
-            ids = [client.post(f"/queue/{APP}", json=LOAD | {"seed": i}).json()["request_id"] for i in range(12)]
+            ids = [client.post(f"/queue/{APP}", json=BACKLOG | {"seed": i}).json()["request_id"] for i in range(12)]
 
             def statuses() -> list[str]:
                 return [client.get(f"{REQUESTS}/{i}/status").json()["status"] for i in ids]

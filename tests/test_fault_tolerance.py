@@ -35,8 +35,8 @@ FAST_HEALTH = {"health_check_period_s": 1, "health_check_timeout_s": 10}
 def body(stage: str, i: int, steps: int | None = None) -> dict[str, Any]:
     # A prompt of its own per request: the TextEncoder's cache must not answer for a killed replica.
     # Denoiser chaos: long enough to be caught denoising (a replica holds only what it can start soon).
-    side, steps = (512, steps or 50) if stage == "Denoiser" else (256, steps or 12)
-    return {"prompt": f"{stage} chaos {i}", "seed": 100 + i, "image_size": {"width": side, "height": side},
+    (width, height), steps = ((1024, 768), steps or 50) if stage == "Denoiser" else ((256, 256), steps or 12)
+    return {"prompt": f"{stage} chaos {i}", "seed": 100 + i, "image_size": {"width": width, "height": height},
             "num_inference_steps": steps, "output_format": "png", "enable_safety_checker": False}
 
 
