@@ -46,6 +46,7 @@ def pending_work_s(cost: CostModel, pending: PendingRequest) -> float | None:
     return request_work_s(cost, request, mode)
 
 
+IN_FLIGHT_S = 0.1  # a request sent this long before a replica's report may not be in it yet (a loaded host)
 _ROUTERS: dict[str, LeastWorkRouter] = {}  # by app name: the Denoiser router of each app this process calls
 
 
@@ -60,7 +61,7 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
 
     def initialize_state(self, **_: Any) -> None:
         self.cost: CostModel | None = None  # the replicas' profile, from their first report
-        self.ledger = BacklogLedger(default_horizon_s=0.0)
+        self.ledger = BacklogLedger(default_horizon_s=0.0, in_flight_s=IN_FLIGHT_S)
         self._lock = threading.Lock()  # Serve routes on its own loop; `open_backlogs` is called from the caller's
         # Serve may ship this class by value, a copy with its own module globals: register in the
         # imported module, the one `denoiser_view` reads.

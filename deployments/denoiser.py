@@ -94,6 +94,7 @@ class Denoiser(ReplicaHealth):
         # Serve's controller cannot see, and the mean work of this replica's recent requests.
         self.store: RequestStore | None = None  # opened on the first autoscaling report
         self.store_waiting = 0
+        self.arriving_s = 0.0  # estimated work of requests received and not yet in the engine
         tokens, steps = FAL_DEFAULT_REQUEST
         self.request_s = steps * self.cost.step_s(tokens, 1)
         self.accelerator.warm_up(self.scheduler_config, self.runtime.dtype, warmup_sizes, warmup_batch_sizes)
@@ -112,25 +113,30 @@ class Denoiser(ReplicaHealth):
         update's note says so.
         """
         mode, note = self.accelerator.resolve(acceleration)
-        self.request_s += REQUEST_S_WEIGHT * (request_work_s(self.cost, request, mode) - self.request_s)
-        state = await asyncio.to_thread(  # copies to the device: off the event loop
-            start_state,
-            request,
-            self.scheduler_config,
-            embedding.prompt_embeds,
-            embedding.pooled,
-            self.runtime.device,
-            self.runtime.dtype,
-            image_start,
-        )
-        state.cache = self.accelerator.step_cache(mode)
-        yield DenoiseUpdate(0, state.schedule.num_steps, note=note)
-        updates: asyncio.Queue[DenoiseUpdate | None] = asyncio.Queue()
-        future = self.engine.submit(
-            state, lambda done, total: updates.put_nowait(DenoiseUpdate(done, total)), mode=mode
-        )
+        work = request_work_s(self.cost, request, mode)
+        self.request_s += REQUEST_S_WEIGHT * (work - self.request_s)
+        self.arriving_s += work  # reported as backlog until the engine holds it (routers must see it now)
+        try:
+            state = await asyncio.to_thread(  # copies to the device: off the event loop
+                start_state,
+                request,
+                self.scheduler_config,
+                embedding.prompt_embeds,
+                embedding.pooled,
+                self.runtime.device,
+                self.runtime.dtype,
+                image_start,
+            )
+            state.cache = self.accelerator.step_cache(mode)
+            updates: asyncio.Queue[DenoiseUpdate | None] = asyncio.Queue()
+            future = self.engine.submit(
+                state, lambda done, total: updates.put_nowait(DenoiseUpdate(done, total)), mode=mode
+            )
+        finally:
+            self.arriving_s -= work
         future.add_done_callback(lambda _: updates.put_nowait(None))
         try:
+            yield DenoiseUpdate(0, state.schedule.num_steps, note=note)
             sent = time.monotonic()
             while (update := await updates.get()) is not None:
                 # Each stream item costs a message through Ray: send progress at most every
@@ -158,7 +164,8 @@ class Denoiser(ReplicaHealth):
     def record_routing_stats(self) -> dict:
         """What LeastWorkRouter reads (Serve polls it): estimated backlog and admission horizon."""
         self.engine.policy.replicas = serve.get_replica_context().world_size
-        load = replica_load(self.cost, self.engine.policy, self.engine.views(), self.engine.clock())
+        load = replica_load(self.cost, self.engine.policy, self.engine.views(), self.engine.clock(),
+                            arriving_s=self.arriving_s)
         return {"load": dataclasses.asdict(load), "at_s": time.time(), "cost_profile": str(self.cost_profile)}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

@@ -36,11 +36,12 @@ class ReplicaLoad:
 
 
 def replica_load(cost: CostModel, policy: Policy, active: Sequence[Active], now_s: float,
-                 up_to: float = 256) -> ReplicaLoad:
-    """What a replica reports to the routers: its backlog, its horizon, and from what queue (looked
-    for up to `up_to` requests per replica) it widens."""
+                 up_to: float = 256, arriving_s: float = 0.0) -> ReplicaLoad:
+    """What a replica reports to the routers: its backlog (with `arriving_s`, the work of requests it
+    received and has not started yet), its horizon, and from what queue (looked for up to `up_to`
+    requests per replica) it widens."""
     base = policy.horizon_s(active, now_s)
-    backlog = backlog_s(cost, active)
+    backlog = backlog_s(cost, active) + arriving_s
     for waiting in (w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256) if w <= up_to):
         wide = policy.horizon_s(active, now_s, Waiting(requests=waiting))
         if wide > base:
@@ -65,10 +66,12 @@ class BacklogLedger:
 
     backlog = what the replica last reported, run down by the time since, plus the estimated work
     of every request this router sent it after that report and that has not completed (what it sent
-    before, the report counts).
+    more than `in_flight_s` before, the report counts; a request sent just before may still have been
+    on its way to the replica).
     """
 
     default_horizon_s: float
+    in_flight_s: float = 0.0
     _reports: dict[Hashable, tuple[float, ReplicaLoad]] = field(default_factory=dict)
     _sent: dict[Hashable, dict[str, tuple[float, float]]] = field(default_factory=dict)  # id -> (sent at, work)
 
@@ -77,7 +80,7 @@ class BacklogLedger:
         if previous is None or at_s > previous[0]:
             self._reports[replica] = (at_s, load)
             sent = self._sent.get(replica, {})
-            for request_id in [r for r, (sent_at, _) in sent.items() if sent_at < at_s]:
+            for request_id in [r for r, (sent_at, _) in sent.items() if sent_at < at_s - self.in_flight_s]:
                 del sent[request_id]  # the report counts it
 
     def sent(self, replica: Hashable, request_id: str, work_s: float, now_s: float) -> None:

@@ -152,3 +152,12 @@ def test_the_simulator_splits_a_four_image_request_over_four_idle_replicas():
     assert split.finished_s == pytest.approx(28 * H100.step_s(3072, 1) + H100.request_overhead_s
                                              + 3 * H100.part_overhead_s)
     assert split.finished_s < whole.finished_s / 3.5
+
+
+def test_a_request_sent_just_before_a_report_stays_counted_until_the_replica_can_have_it():
+    ledger = BacklogLedger(default_horizon_s=0.0, in_flight_s=0.1)
+    ledger.sent("r", "x", 2.0, now_s=10.0)
+    ledger.report("r", ReplicaLoad(0.0, 0.15), at_s=10.05)  # x may still be on its way: keep it
+    assert ledger.load("r", 10.05).backlog_s == 2.0
+    ledger.report("r", ReplicaLoad(2.0, 0.15), at_s=10.2)  # long enough after: the report has it
+    assert ledger.load("r", 10.2).backlog_s == 2.0
