@@ -9,8 +9,8 @@ router (deployments/denoise_router.py) and the simulator (benchmarks/simulate.py
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping, Sequence
 import dataclasses
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
