@@ -26,13 +26,12 @@ from datetime import date
 from pathlib import Path
 
 import httpx
-from ray import serve
 
 from benchmarks.common import RESULTS_DIR, Result, markdown_table, render
 from benchmarks.simulate import Job, quantile, simulate, summary
 from scheduling.cost_model import PROFILES, CostModel, ProfilePoint
 from settings import get_settings
-from tests.harness import APP_NAME, running_serve, tiny_env
+from tests.harness import denoiser_stats, running_serve, tiny_env
 
 SIZES = [(512, 512), (1024, 768), (1024, 1024)]
 T2I = "/fal-ai/flux/srpo"
@@ -75,16 +74,9 @@ async def replay(base: str, jobs: list[Job]) -> list[float]:
 
 def forward_tallies() -> dict[str, list[float]]:
     """Both Denoiser replicas' forwards so far, merged: "<image tokens>x<samples>" -> [count, seconds]."""
-    handle = serve.get_deployment_handle("Denoiser", APP_NAME)
-    tallies: dict[str, dict] = {}
-    for _ in range(100):  # each call reaches one replica; ask until both have answered
-        stats = handle.stats.remote().result()
-        tallies[stats["replica"]] = stats["forward_seconds"]
-        if len(tallies) == 2:
-            break
     merged: dict[str, list[float]] = {}
-    for tally in tallies.values():
-        for key, (count, seconds) in tally.items():
+    for stats in denoiser_stats(2).values():
+        for key, (count, seconds) in stats["forward_seconds"].items():
             merged.setdefault(key, [0, 0.0])
             merged[key][0] += count
             merged[key][1] += seconds

@@ -84,7 +84,9 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
         """The backlog of every replica that would admit a request now (empty before their first report)."""
         with self._lock:
             loads = self._admission(list(self.curr_replicas.values()), time.time())
-            return [load.backlog_s for load in loads.values() if self.cost and load.backlog_s <= load.horizon_s]
+            if self.cost is None:
+                return []
+            return [load.backlog_s for load in loads.values() if load.backlog_s <= load.horizon_s]
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None

@@ -177,8 +177,8 @@ class Denoiser(ReplicaHealth):
             self.store_waiting = await self.store.pending()
         except Exception:  # an unreachable store: keep the last count (the queue itself reports the outage)
             pass
-        return {"backlog_s": backlog_s(self.cost, self.engine.views()), "request_s": self.request_s,
-                "store_waiting": float(self.store_waiting)}
+        return {"backlog_s": backlog_s(self.cost, self.engine.views()) + self.arriving_s,
+                "request_s": self.request_s, "store_waiting": float(self.store_waiting)}
 
     async def check_health(self) -> None:
         if (failure := self.engine.failure) is not None:

@@ -120,11 +120,13 @@ class GraphBackend:
         """Follow the parts' progress streams; log each step once all parts have done it; the latents
         of all parts in sample order. `on_start` runs when the first part starts."""
         done, latents, notes = [0] * len(streams), [None] * len(streams), set()
+        started = False
 
         async def follow(i: int, stream) -> None:
+            nonlocal started
             async for update in stream:
-                if update.step == 0 and not notes:
-                    notes.add(None)
+                if update.step == 0 and not started:
+                    started = True
                     on_start()
                     log(f"Denoising {request.num_images} image(s) at {request.width}x{request.height}")
                 if update.note and update.note not in notes:

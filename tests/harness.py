@@ -88,6 +88,19 @@ def tiny_env(tiny_root: Path, storage: Path, **extra: str) -> dict[str, str]:
     }
 
 
+def denoiser_stats(replicas: int) -> dict[str, dict]:
+    """`Denoiser.stats` of each of `replicas` replicas, by replica (a call reaches any one: ask until
+    each has answered)."""
+    handle = serve.get_deployment_handle("Denoiser", APP_NAME)
+    seen: dict[str, dict] = {}
+    for _ in range(100):
+        stats = handle.stats.remote().result()
+        seen[stats["replica"]] = stats
+        if len(seen) == replicas:
+            return seen
+    raise AssertionError(f"only {len(seen)} of {replicas} Denoiser replicas answered")
+
+
 def wait_until(predicate, timeout_s: float, what: str) -> None:
     """Poll `predicate` until it holds; fail the test after `timeout_s`."""
     deadline = time.monotonic() + timeout_s

@@ -14,10 +14,9 @@ import pytest
 import torch
 from diffusers import FluxImg2ImgPipeline, FluxPipeline
 from PIL import Image
-from ray import serve
 
 from scheduling.cost_model import CostModel, default_profile_path
-from tests.harness import APP_NAME, running_serve, tiny_env
+from tests.harness import denoiser_stats, running_serve, tiny_env
 from tests.pixels import assert_same_pixels, pixels
 from tests.queue_helpers import REQUESTS, wait_status
 
@@ -30,18 +29,6 @@ def server(tiny_root, tmp_path_factory):
     env = tiny_env(tiny_root, tmp_path_factory.mktemp("multi"))
     with running_serve(env, {"deployment_options": {"Denoiser": {"num_replicas": 2}}}) as base:
         yield base
-
-
-def denoiser_stats() -> dict[str, dict]:
-    """Every Denoiser replica's stats, by replica (a call goes to either: ask until both answered)."""
-    handle = serve.get_deployment_handle("Denoiser", APP_NAME)
-    seen: dict[str, dict] = {}
-    for _ in range(100):
-        stats = handle.stats.remote().result()
-        seen[stats["replica"]] = stats
-        if len(seen) == 2:
-            return seen
-    raise AssertionError(f"only {len(seen)} Denoiser replica(s) answered")
 
 
 def run_queued(client: httpx.Client, path: str, body: dict) -> tuple[dict, list[str]]:
@@ -61,10 +48,10 @@ def split_run(client: httpx.Client, path: str, body: dict) -> dict:
     """Run `body` until a run splits (the Ingress plans a split once its router has heard from both
     replicas, a report period after its first call); check each replica ran one image of that run."""
     for _ in range(5):
-        before = denoiser_stats()
+        before = denoiser_stats(2)
         result, logs = run_queued(client, path, body)
         if "Splitting 2 images over 2 Denoiser replicas: 1, 1" in logs:
-            after = denoiser_stats()
+            after = denoiser_stats(2)
             singles, pairs = forwards(after, "1024x1"), forwards(after, "1024x2")
             assert all(singles[key] > count for key, count in forwards(before, "1024x1").items()), singles
             assert pairs == forwards(before, "1024x2"), pairs  # no replica ran the two as a pair
@@ -111,7 +98,7 @@ def test_requests_wait_in_front_of_the_replicas_not_inside_them(server):
     with httpx.Client(base_url=server, timeout=300) as client, ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda i: client.post("/fal-ai/flux/srpo", json=body | {"seed": i}), range(8)))
     assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]
-    stats = denoiser_stats()
+    stats = denoiser_stats(2)
     assert all(s["most_active"] <= 2 for s in stats.values()), {k: s["most_active"] for k, s in stats.items()}
     assert min(forwards(stats, "2304x1").values()) >= 30, stats  # both replicas took some of them
 
