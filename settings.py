@@ -114,6 +114,33 @@ class Settings(BaseSettings):
         default_factory=list, description="Non-public networks fal_webhook may reach anyway (JSON list)."
     )
 
+    # --- LoRAs (per request: the `loras` field) ---
+    lora_dir: Path | None = Field(
+        None, description="Folder of .safetensors LoRAs a request may name by file name (with or without the suffix)."
+    )
+    lora_cache_dir: Path = Field(
+        Path.home() / ".cache" / "srpo-serve" / "loras",
+        description="Node-local disk cache of fetched LoRA files (put it on a shared volume to fetch once per cluster).",
+    )
+    lora_disk_cache_bytes: int = Field(50 * 1024**3, ge=0, description="Disk cache size; least recently used go first.")
+    lora_host_cache_bytes: int = Field(
+        8 * 1024**3, ge=0, description="Parsed LoRAs kept in a replica's host memory; least recently used go first."
+    )
+    lora_device_slots: int = Field(
+        4, ge=1, description="LoRA sets resident on a Denoiser's GPU at once (each costs lora_max_rank-sized pools).",
+    )
+    lora_max_rank: int = Field(
+        128, ge=1, description="Largest combined rank of one request's LoRAs (their ranks add up); also the padded "
+        "rank of the device pools, so it sets their memory.",
+    )
+    lora_max_per_request: int = Field(4, ge=1, description="LoRAs one request may apply.")
+    lora_max_file_bytes: int = Field(2 * 1024**3, ge=1, description="Largest LoRA file fetched or read.")
+    lora_max_abs_scale: float = Field(4.0, gt=0, description="Largest |scale| of a LoRA.")
+    lora_fetch_timeout_s: float = Field(120.0, gt=0, description="Longest download of one LoRA file.")
+    lora_url_allowed_networks: list[str] = Field(
+        default_factory=list, description="Non-public networks a LoRA URL may reach anyway (JSON list)."
+    )
+
     cost_profile: Path | None = Field(
         None, description="Step-time profile the Denoiser's scheduler plans with (scheduling/cost_model.py); "
         "default: the shipped one for the device (scheduling/profiles/h100.json on CUDA, cpu-tiny.json on CPU).",

@@ -56,6 +56,17 @@ class ImageSize(BaseModel):
 Seed = Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED)]
 
 
+class LoraWeight(BaseModel):
+    """fal's `LoraWeight`: a LoRA to apply and how strongly."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    path: str = Field(..., min_length=1, max_length=2048, description=(
+        "An https URL of a .safetensors LoRA, an s3:// (fsspec) URL, a Hugging Face repo id "
+        "(owner/name or owner/name/file.safetensors), or a file name in this server's LoRA folder."))
+    scale: float = Field(1.0, description="How strongly the LoRA applies; LoRAs add up, each times its scale.")
+
+
 class _CommonInput(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # Python's JSON parser accepts NaN
 
@@ -68,6 +79,9 @@ class _CommonInput(BaseModel):
     enable_safety_checker: bool = True
     output_format: OutputFormat = "jpeg"
     acceleration: Acceleration = "none"
+    loras: list[LoraWeight] = Field(
+        default_factory=list, description="LoRAs to apply (FLUX.1-dev LoRAs fit SRPO); they add up, each times its scale."
+    )
 
     def resolved_seed(self) -> int:
         return self.seed if self.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)

@@ -12,12 +12,14 @@ its view of the replicas, which decides whether a multi-image request is split (
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from models.lora_residency import AdapterKey, adapter_key
 from models.request import GenerationRequest
 from scheduling.cost_model import CostModel
 from scheduling.dispatch import BacklogLedger, ReplicaLoad, choose_replica
@@ -34,18 +36,31 @@ def image_tokens(request: GenerationRequest) -> int:
 
 def request_work_s(cost: CostModel, request: GenerationRequest, mode: str) -> float:
     """Estimated Denoiser time of a request (or of its part) run alone."""
-    return denoise_steps(request) * cost.step_s(image_tokens(request), request.samples, mode)
+    steps = denoise_steps(request) * cost.lora_factor(bool(request.loras))
+    return steps * cost.step_s(image_tokens(request), request.samples, mode)
+
+
+def adapter_id(key: AdapterKey) -> str:
+    """A short name of a LoRA set, as replicas report what they hold and routers compare."""
+    return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+
+
+def denoise_request(pending: PendingRequest) -> GenerationRequest | None:
+    """The request a `denoise` call carries; None for other methods."""
+    if pending.metadata.call_method != "denoise":
+        return None
+    return pending.args[0] if pending.args else pending.kwargs["request"]
 
 
 def pending_work_s(cost: CostModel, pending: PendingRequest) -> float | None:
     """The work a `denoise` call carries; None for other methods."""
-    if pending.metadata.call_method != "denoise":
+    if (request := denoise_request(pending)) is None:
         return None
-    request = pending.args[0] if pending.args else pending.kwargs["request"]
     mode = pending.args[3] if len(pending.args) > 3 else pending.kwargs.get("acceleration", "none")
     return request_work_s(cost, request, mode)
 
 
+PLACED_S = 2.0  # a LoRA set sent to a replica counts as resident there this long, until its reports show it
 IN_FLIGHT_S = 0.1  # a request sent this long before a replica's report may not be in it yet (a loaded host)
 _ROUTERS: dict[str, LeastWorkRouter] = {}  # by app name: the Denoiser router of each app this process calls
 
@@ -63,6 +78,7 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
         self.cost: CostModel | None = None  # the replicas' profile, from their first report
         self.ledger = BacklogLedger(default_horizon_s=0.0, in_flight_s=IN_FLIGHT_S)
         self._lock = threading.Lock()  # Serve routes on its own loop; `open_backlogs` is called from the caller's
+        self.placed: dict[ReplicaID, dict[str, float]] = {}  # LoRA sets sent to each replica -> when
         # Serve may ship this class by value, a copy with its own module globals: register in the
         # imported module, the one `denoiser_view` reads.
         import deployments.denoise_router as module
@@ -103,7 +119,7 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
         if work is None:
             return [candidate_replicas]  # before the first report, or not a denoise call: Serve's usual choice
         by_id = {r.replica_id: r for r in candidate_replicas}
-        chosen = choose_replica(admission)
+        chosen = choose_replica(admission, self._lora_miss_s(candidate_replicas, pending_request))
         if chosen is None:
             # Serve's loop calls again at once unless told to back off, and this coroutine never awaits:
             # without the flag it would hold the event loop.
@@ -112,7 +128,23 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
         # Serve sends a request (the oldest waiting, FIFOMixin) to the replica chosen here; on_request_routed
         # is not called on every path. A mismatched estimate lasts until the replica's next report.
         self.ledger.sent(chosen, pending_request.metadata.internal_request_id, work, now)
+        if (request := denoise_request(pending_request)) is not None and request.loras:
+            self.placed.setdefault(chosen, {})[adapter_id(adapter_key(request.loras))] = now
         return [[by_id[chosen]]]
+
+    def _lora_miss_s(self, replicas: list[RunningReplica], pending: PendingRequest) -> dict[ReplicaID, float]:
+        """What loading the request's LoRA set would add on each replica that does not hold it (nor
+        was just sent it): like Serve's model multiplexing, but priced inside the least-work choice."""
+        request = denoise_request(pending)
+        if request is None or not request.loras or self.cost is None:
+            return {}
+        wanted, now = adapter_id(adapter_key(request.loras)), time.time()
+
+        def holds(replica: RunningReplica) -> bool:
+            sent_at = self.placed.get(replica.replica_id, {}).get(wanted)
+            return wanted in replica.routing_stats.get("loras", ()) or (sent_at is not None and now - sent_at < PLACED_S)
+
+        return {r.replica_id: self.cost.lora_load_s for r in replicas if not holds(r)}
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         with self._lock:
@@ -122,3 +154,4 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
         super().on_replica_actor_died(replica_id)
         with self._lock:
             self.ledger.forget(replica_id)
+            self.placed.pop(replica_id, None)

@@ -18,11 +18,13 @@ from typing import AsyncIterator, Sequence
 import torch
 from ray import serve
 
-from deployments.denoise_router import LeastWorkRouter, request_work_s
+from deployments.denoise_router import LeastWorkRouter, adapter_id, request_work_s
+from deployments.lora_runtime import ReplicaLoras
 from deployments.metrics import ObservedEngine
 from deployments.runtime import ReplicaHealth, StageRuntime
 from models.acceleration import MODES, WARMUP_BATCH_SIZES, WARMUP_SIZES, Accelerator
 from models.denoise import start_state
+from models.lora_layers import NO_ADAPTER
 from models.engine import DenoiseEngine
 from models.loading import load_scheduler_config, load_transformer
 from models.request import GenerationRequest
@@ -79,6 +81,8 @@ class Denoiser(ReplicaHealth):
         self.transformer = load_transformer(
             paths.model_dir, self.runtime.device, self.runtime.dtype, paths.transformer_file
         )
+        # Before the acceleration modes copy or compile the blocks: every mode's module shares the bank.
+        self.loras = ReplicaLoras(self.transformer, "transformer", "denoiser", self.runtime.settings)
         cache_dir = Path(compile_cache_dir) if compile_cache_dir else None
         self.accelerator = Accelerator(self.transformer, acceleration_modes, compile_cache_dir=cache_dir)
         self.cost_profile = self.runtime.settings.cost_profile or default_profile_path(self.runtime.device.type)
@@ -88,6 +92,7 @@ class Denoiser(ReplicaHealth):
             max_batch_tokens,
             modules=self.accelerator.modules,
             policy=make_policy(policy, self.cost, max_batch_tokens, admit_ahead_s=2 * ROUTING_STATS_PERIOD_S),
+            loras=self.loras.bank,
         )
         self.engine = ObservedEngine(engine, self.runtime.metrics)  # metrics: see deployments/metrics.py
         # For the autoscaler only (record_autoscaling_stats): the request store's waiting count, which
@@ -116,7 +121,10 @@ class Denoiser(ReplicaHealth):
         work = request_work_s(self.cost, request, mode)
         self.request_s += REQUEST_S_WEIGHT * (work - self.request_s)
         self.arriving_s += work  # reported as backlog until the engine holds it (routers must see it now)
+        adapter = NO_ADAPTER
         try:
+            # The request waits here, not in the engine, until its LoRAs are device-resident.
+            adapter = await self.loras.acquire(request.loras)
             state = await asyncio.to_thread(  # copies to the device: off the event loop
                 start_state,
                 request,
@@ -128,13 +136,18 @@ class Denoiser(ReplicaHealth):
                 image_start,
             )
             state.cache = self.accelerator.step_cache(mode)
+            state.adapter = adapter
             updates: asyncio.Queue[DenoiseUpdate | None] = asyncio.Queue()
             future = self.engine.submit(
                 state, lambda done, total: updates.put_nowait(DenoiseUpdate(done, total)), mode=mode
             )
+        except BaseException:
+            self.loras.release(adapter)
+            raise
         finally:
             self.arriving_s -= work
         future.add_done_callback(lambda _: updates.put_nowait(None))
+        future.add_done_callback(lambda _: self.loras.release(adapter))
         try:
             yield DenoiseUpdate(0, state.schedule.num_steps, note=note)
             sent = time.monotonic()
@@ -159,6 +172,8 @@ class Denoiser(ReplicaHealth):
             "replica": self.replica_key,
             "forward_seconds": {f"{tokens}x{samples}": tally for (tokens, samples), tally in
                                 self.engine.forward_seconds.items()},
+            "adapters_per_forward": dict(self.engine.adapters_per_forward),
+            "loras": self.loras.stats(),
         }
 
     def record_routing_stats(self) -> dict:
@@ -166,7 +181,8 @@ class Denoiser(ReplicaHealth):
         self.engine.policy.replicas = serve.get_replica_context().world_size
         load = replica_load(self.cost, self.engine.policy, self.engine.views(), self.engine.clock(),
                             arriving_s=self.arriving_s)
-        return {"load": dataclasses.asdict(load), "at_s": time.time(), "cost_profile": str(self.cost_profile)}
+        return {"load": dataclasses.asdict(load), "at_s": time.time(), "cost_profile": str(self.cost_profile),
+                "loras": [adapter_id(key) for key in self.loras.residency.resident()]}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What the Denoiser's autoscaling policy reads (deployments/autoscaling.py): this replica's

@@ -79,7 +79,7 @@ class GraphBackend:
         began = time.perf_counter()
         text, denoiser, decoder = self.stages.values()
         log("Encoding the prompt")
-        embedding = text.encode.remote(request.prompt)
+        embedding = text.encode.remote(request.prompt, request.loras)
         image_start = None
         if request.image is not None:
             log("Encoding the input image")

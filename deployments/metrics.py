@@ -183,3 +183,37 @@ class ObservedEngine:
             for _ in range(count):
                 self._stage.batch(size)
         self._forwards_seen += new
+
+
+LOAD_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60]
+
+
+class LoraMetrics:
+    """A replica's LoRA tiers: hits and misses per tier, load time, resident adapter sets."""
+
+    def __init__(self, stage: str) -> None:
+        self._events = Counter(
+            "srpo_lora_cache_events", description="LoRA lookups by tier (host: parsed files, device: adapter sets in "
+            "GPU slots) and result (hit, miss).", tag_keys=("stage", "tier", "result"))
+        self._load = Histogram(
+            "srpo_lora_load_seconds", description="Making a request's LoRA set device-resident (read, combine, copy).",
+            boundaries=LOAD_BUCKETS_S, tag_keys=("stage",))
+        self._resident = Gauge(
+            "srpo_lora_resident_adapters", description="LoRA sets resident in a replica's device slots.",
+            tag_keys=("stage",))
+        for metric in (self._events, self._load, self._resident):
+            metric.set_default_tags({"stage": stage})
+        self._seen: Tally[str] = Tally()
+
+    def update(self, stats: Tally[str], resident: int) -> None:
+        """Export what changed in the residency's running `stats` since the last update."""
+        for event in ("host_hit", "host_miss", "device_hit", "device_miss"):
+            if delta := stats[event] - self._seen[event]:
+                tier, result = event.split("_")
+                self._events.inc(delta, {"tier": tier, "result": result})
+        if (loads := stats["loads"] - self._seen["loads"]) > 0:
+            seconds = (stats["load_s_total"] - self._seen["load_s_total"]) / loads
+            for _ in range(int(loads)):
+                self._load.observe(seconds)
+        self._seen = Tally(stats)
+        self._resident.set(resident)

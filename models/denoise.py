@@ -8,6 +8,7 @@ a forward with any such state runs the cache-aware forward, which keeps every sa
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from models.sampling import (
     noised_image_latents,
     pack,
 )
+from models.lora_layers import NO_ADAPTER, LoraBank
 from models.step_cache import StepCache, forward_with_step_cache
 
 
@@ -39,6 +41,7 @@ class DenoiseState:
     width: int
     step: int = 0
     cache: StepCache | None = None  # set for accelerated modes that reuse blocks between steps
+    adapter: int = NO_ADAPTER  # the LoRA bank slot of its (combined) LoRAs
 
     @property
     def done(self) -> bool:
@@ -109,8 +112,12 @@ def start_state(
 
 
 @torch.no_grad()
-def denoise_step(transformer: FluxTransformer2DModel, states: list[DenoiseState]) -> None:
-    """Advance every state by one step with a single transformer forward (same resolution only)."""
+def denoise_step(
+    transformer: FluxTransformer2DModel, states: list[DenoiseState], loras: LoraBank | None = None
+) -> None:
+    """Advance every state by one step with a single transformer forward (same resolution only).
+
+    With `loras` (the bank attached to `transformer`), each state's samples use its adapter slot."""
     if not states:
         return
     height, width = states[0].resolution
@@ -134,12 +141,16 @@ def denoise_step(transformer: FluxTransformer2DModel, states: list[DenoiseState]
         txt_ids=torch.zeros(states[0].prompt_embeds.shape[1], 3, device=device, dtype=dtype),
         img_ids=image_ids(height, width, device, dtype),
     )
-    if any(s.cache is not None for s in states):
-        velocity = forward_with_step_cache(
-            transformer, [s.cache for s in states], [s.num_samples for s in states], **inputs
-        )
-    else:
-        velocity = transformer(**inputs, return_dict=False)[0]
+    slots = [s.adapter for s in states for _ in range(s.num_samples)]
+    if any(slot != NO_ADAPTER for slot in slots) and loras is None:
+        raise ValueError("a state carries a LoRA adapter but the forward has no LoRA bank")
+    with loras.active(slots) if loras is not None else contextlib.nullcontext():
+        if any(s.cache is not None for s in states):
+            velocity = forward_with_step_cache(
+                transformer, [s.cache for s in states], [s.num_samples for s in states], loras=loras, **inputs
+            )
+        else:
+            velocity = transformer(**inputs, return_dict=False)[0]
     updated = euler_step(latents, velocity, sigma, sigma_next)
     for s, new in zip(states, updated.split([s.num_samples for s in states])):
         s.latents = new

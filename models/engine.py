@@ -26,6 +26,7 @@ from typing import Callable
 from diffusers import FluxTransformer2DModel
 
 from models.denoise import DenoiseState, denoise_step
+from models.lora_layers import LoraBank
 from scheduling.policy import Active, CoBatch, Policy
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,10 @@ class DenoiseEngine:
         modules: Mapping[str, FluxTransformer2DModel] | None = None,
         policy: Policy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        loras: LoraBank | None = None,
     ) -> None:
         """`modules` maps acceleration modes to the module each runs; "none" is `transformer`.
+        `loras`: the LoRA bank attached to `transformer` (its modules share it), for states with adapters.
 
         `policy` defaults to co-batching in arrival order within `max_batch_tokens`.
         """
@@ -76,11 +79,14 @@ class DenoiseEngine:
         self.max_batch_tokens = max_batch_tokens
         self.policy = policy or CoBatch(max_batch_tokens)
         self.clock = clock
+        self.loras = loras
         self._jobs: list[_Job] = []
         self._counter = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.batch_sizes: Counter[int] = Counter()  # samples per forward -> number of forwards
+        # distinct LoRA adapters in a forward (no adapter counts as one) -> forwards: > 1 is a mixed forward
+        self.adapters_per_forward: Counter[int] = Counter()
         self.most_active = 0  # the most requests it held at once (work should wait in front, not here)
         # (image tokens per sample, samples) -> [forwards, seconds]: the step costs this device really sees
         self.forward_seconds: dict[tuple[int, int], list[float]] = {}
@@ -144,7 +150,7 @@ class DenoiseEngine:
             states = [j.state for j in batch]
             began = time.perf_counter()
             try:
-                await asyncio.to_thread(denoise_step, self.modules[batch[0].mode], states)
+                await asyncio.to_thread(denoise_step, self.modules[batch[0].mode], states, self.loras)
             except Exception as exc:  # a failed forward fails its requests, not the engine
                 logger.exception("denoising step failed")
                 for job in batch:
@@ -153,6 +159,7 @@ class DenoiseEngine:
                 continue
             samples = sum(s.num_samples for s in states)
             self.batch_sizes[samples] += 1
+            self.adapters_per_forward[len({s.adapter for s in states})] += 1
             tally = self.forward_seconds.setdefault((states[0].latents.shape[1], samples), [0, 0.0])
             tally[0] += 1
             tally[1] += time.perf_counter() - began

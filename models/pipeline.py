@@ -6,6 +6,7 @@ same steps split over deployments.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import torch
 from models.denoise import denoise_step, start_state
 from models.engine import StepHook
 from models.loading import check_model_folder, load_scheduler_config, load_transformer
+from models.lora_files import linear_shapes
+from models.lora_layers import NO_ADAPTER, LoraBank
+from models.lora_residency import LoraResidency
 from models.request import GenerationRequest, GenerationResult
 from models.text_encoding import PromptEncoder
 from models.vae import VaeCodec
@@ -28,8 +32,11 @@ class SRPOPipeline:
         device: torch.device,
         dtype: torch.dtype,
         transformer_file: Path | None = None,
+        lora_max_rank: int = 128,
     ) -> None:
         check_model_folder(model_dir, transformer_file=transformer_file)
+        self.lora_max_rank = lora_max_rank
+        self._loras: dict[str, LoraResidency] = {}  # made on the first request with LoRAs
         self.device, self.dtype = device, dtype
         self.scheduler_config = load_scheduler_config(model_dir)
         self.text = PromptEncoder(model_dir, device, dtype)
@@ -43,7 +50,26 @@ class SRPOPipeline:
     ) -> GenerationResult:
         """`on_step(done, total)` is called after every denoising step."""
         began = time.perf_counter()
-        embedding = self.text.encode([request.prompt])[0]
+        tiers = self._lora_tiers() if request.loras else {}
+        slots = {component: asyncio.run(tier.acquire(request.loras)) for component, tier in tiers.items()}
+        try:
+            return self._generate(request, enable_safety_checker, on_step, began, slots)
+        finally:
+            for component, slot in slots.items():
+                tiers[component].release(slot)
+
+    def _lora_tiers(self) -> dict[str, LoraResidency]:
+        """One adapter slot on the transformer and on CLIP: this pipeline runs one request at a time."""
+        if not self._loras:
+            for component, module in (("transformer", self.transformer), ("text_encoder", self.text.clip)):
+                bank = LoraBank(module, slots=2, max_rank=self.lora_max_rank)
+                self._loras[component] = LoraResidency(bank, component, linear_shapes(module), host_max_bytes=0)
+        return self._loras
+
+    def _generate(self, request: GenerationRequest, enable_safety_checker: bool, on_step: StepHook | None,
+                  began: float, slots: dict[str, int]) -> GenerationResult:
+        clip = self._loras.get("text_encoder")
+        embedding = self.text.encode([request.prompt], clip and clip.bank, [slots.get("text_encoder", NO_ADAPTER)])[0]
         image_start = None
         if request.image is not None:
             image_start = self.vae.encode_with_noise(
@@ -58,8 +84,10 @@ class SRPOPipeline:
             self.dtype,
             image_start,
         )
+        state.adapter = slots.get("transformer", NO_ADAPTER)
+        bank = self._loras["transformer"].bank if self._loras else None
         while not state.done:
-            denoise_step(self.transformer, [state])
+            denoise_step(self.transformer, [state], bank)
             if on_step is not None:
                 on_step(state.step, state.schedule.num_steps)
         images = self.vae.decode(state.latents, request.height, request.width)

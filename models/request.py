@@ -10,6 +10,16 @@ from PIL import Image
 
 
 @dataclass(frozen=True)
+class LoraRef:
+    """A LoRA a request applies: where it came from, the local file holding it, its identity, its scale."""
+
+    source: str  # the request's `path` (URL, s3://, Hugging Face repo id or local name)
+    file: str  # a local copy (the disk cache of the node that fetched it)
+    digest: str  # sha256 of the file: the same LoRA under any source is one adapter
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     width: int
@@ -24,6 +34,7 @@ class GenerationRequest:
     # A request split across Denoiser replicas (scheduling/split.py): this call denoises samples
     # [start, stop) of the num_images whose noise the seed draws.
     sample_range: tuple[int, int] | None = None
+    loras: tuple[LoraRef, ...] = ()  # summed, each times its scale (diffusers' set_adapters)
 
     @property
     def samples(self) -> int:

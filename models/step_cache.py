@@ -16,10 +16,13 @@ shares its forward. A threshold of 0 never reuses: results then equal the uncach
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from diffusers import FluxTransformer2DModel
+
+from models.lora_layers import LoraBank
 
 
 @dataclass
@@ -71,12 +74,14 @@ def forward_with_step_cache(
     img_ids: torch.Tensor,
     txt_ids: torch.Tensor,
     guidance: torch.Tensor | None,
+    loras: LoraBank | None = None,
 ) -> torch.Tensor:
     """FluxTransformer2DModel.forward (as diffusers 0.42 runs it without ControlNet/IP-Adapter),
     split after the first block so each sample may reuse its cached remaining-blocks residual.
 
     `caches[i]` belongs to the `sizes[i]` consecutive samples of request i; None never reuses.
     The block lists are the module's own, so a module with compiled or fp8 blocks runs those.
+    `loras`: the bank whose active batch the forward runs; the remaining blocks run its subset.
     """
     hidden = transformer.x_embedder(hidden_states)
     timestep = timestep.to(hidden.dtype) * 1000
@@ -95,13 +100,15 @@ def forward_with_step_cache(
         for cache, r in zip(caches, first_residual.split(sizes))
     ])
     # One host sync per step: the size of the remaining blocks' batch depends on the decisions.
-    run = torch.tensor([i for i, skip in enumerate(reused.tolist()) if not skip], dtype=torch.long)
+    run_rows = [i for i, skip in enumerate(reused.tolist()) if not skip]
+    run = torch.tensor(run_rows, dtype=torch.long)
     final = torch.empty_like(hidden_1)
     if len(run):
         run = run.to(hidden.device)
         h, c, e = hidden_1[run], context_1[run], temb[run]
-        for block in rest:
-            c, h = block(hidden_states=h, encoder_hidden_states=c, temb=e, image_rotary_emb=rotary)
+        with loras.subset(run_rows) if loras is not None else contextlib.nullcontext():
+            for block in rest:
+                c, h = block(hidden_states=h, encoder_hidden_states=c, temb=e, image_rotary_emb=rotary)
         final[run] = h
 
     start = 0

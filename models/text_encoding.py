@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from diffusers import FluxPipeline
 
 from models.loading import load_text_encoders
+from models.lora_layers import LoraBank
 
 T5_MAX_LENGTH = 512
 
@@ -34,10 +36,18 @@ class PromptEncoder:
             transformer=None,
         )
 
+    @property
+    def clip(self) -> torch.nn.Module:
+        """The CLIP text model: what a FLUX LoRA's text-encoder part adapts (never T5)."""
+        return self._pipe.text_encoder
+
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> list[PromptEmbedding]:
-        """Encode a batch of prompts in one forward per encoder."""
-        embeds, pooled, _ = self._pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=T5_MAX_LENGTH
-        )
+    def encode(self, prompts: list[str], loras: LoraBank | None = None,
+               adapters: list[int] | None = None) -> list[PromptEmbedding]:
+        """Encode a batch of prompts in one forward per encoder; with `loras` (the bank on `clip`),
+        prompt i runs CLIP with adapter slot `adapters[i]`."""
+        with loras.active(adapters or []) if loras is not None else contextlib.nullcontext():
+            embeds, pooled, _ = self._pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=T5_MAX_LENGTH
+            )
         return [PromptEmbedding(e, p) for e, p in zip(embeds, pooled)]

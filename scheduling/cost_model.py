@@ -40,6 +40,13 @@ class Profile(BaseModel):
     part_overhead_ms: float = Field(
         20.0, ge=0, description="per extra Denoiser call when a request's samples are split (estimated, not measured)"
     )
+    lora_step_fraction: float = Field(
+        0.04, ge=0, description="a forward's extra time when its samples carry LoRAs (estimated from FLOPs at the "
+                                "padded rank 64, not measured)"
+    )
+    lora_load_ms: float = Field(
+        500.0, ge=0, description="making a LoRA set device-resident on a replica that lacks it (estimated)"
+    )
     modes: dict[str, list[ProfilePoint]]
     notes: str = ""
 
@@ -98,6 +105,14 @@ class CostModel:
     @property
     def part_overhead_s(self) -> float:
         return self.profile.part_overhead_ms / 1000
+
+    @property
+    def lora_load_s(self) -> float:
+        return self.profile.lora_load_ms / 1000
+
+    def lora_factor(self, has_loras: bool) -> float:
+        """How much longer a request's steps take when it carries LoRAs (unmerged, padded rank)."""
+        return 1.0 + self.profile.lora_step_fraction if has_loras else 1.0
 
     def step_s(self, image_tokens: int, samples: int, mode: str = "none") -> float:
         """Seconds for one forward of `samples` samples of `image_tokens` each; unprofiled modes cost as 'none'."""

@@ -54,9 +54,14 @@ def backlog_s(cost: CostModel, active: Iterable[Active]) -> float:
     return sum(a.remaining_steps * cost.step_s(a.image_tokens, a.samples, a.mode) for a in active)
 
 
-def choose_replica(loads: Mapping[Key, ReplicaLoad]) -> Key | None:
-    """The replica with the least backlog among those that admit; None: keep waiting in front."""
-    open_ = [(load.backlog_s, i, key) for i, (key, load) in enumerate(loads.items()) if load.backlog_s <= load.horizon_s]
+def choose_replica(loads: Mapping[Key, ReplicaLoad], extra_s: Mapping[Key, float] | None = None) -> Key | None:
+    """The replica with the least backlog among those that admit; None: keep waiting in front.
+
+    `extra_s`: work a replica would add for this request alone (loading its LoRAs where they are not
+    resident), so a replica that holds them wins while backlogs are within that much of each other."""
+    extra_s = extra_s or {}
+    open_ = [(load.backlog_s + extra_s.get(key, 0.0), i, key) for i, (key, load) in enumerate(loads.items())
+             if load.backlog_s <= load.horizon_s]
     return min(open_)[2] if open_ else None
 
 

@@ -12,11 +12,14 @@ certificate against the host name (SNI), and the Host header is the original one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, AsyncIterator
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import httpx
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -31,8 +34,15 @@ TUNNELS = [ipaddress.ip_network(n) for n in (
 )]
 
 
-class BlockedDestination(Exception):
+class FetchError(Exception):
+    """A user-given URL could not be fetched; the message is safe to return to the client."""
+
+
+class BlockedDestination(FetchError):
     """The URL may not be reached; the message is safe to return to the client."""
+
+
+MAX_REDIRECTS = 3
 
 
 def refused(address: IPAddress) -> bool:
@@ -81,3 +91,33 @@ async def check_destination(url: str, allowed_networks: list[str], setting: str)
                 f"reach; list its network in {setting} to allow it"
             )
     return Destination(url, parts.hostname, str(addresses[0]))
+
+
+@contextlib.asynccontextmanager
+async def guarded_get(client: httpx.AsyncClient, url: str, allowed_networks: list[str],
+                      setting: str) -> AsyncIterator[httpx.Response]:
+    """The streamed 200 response for `url`, every hop (redirects followed by hand) checked and
+    connected to the address that was checked; FetchError otherwise."""
+    for _ in range(MAX_REDIRECTS + 1):
+        destination = await check_destination(url, allowed_networks, setting)
+        async with client.stream("GET", **destination.request_args()) as response:
+            if response.is_redirect:
+                url = urljoin(url, response.headers["location"])
+                continue
+            if response.status_code != 200:
+                raise FetchError(f"HTTP {response.status_code}")
+            yield response
+            return
+    raise FetchError("too many redirects")
+
+
+async def limited_chunks(response: httpx.Response, max_bytes: int, too_large: str) -> AsyncIterator[bytes]:
+    """The response body in chunks; FetchError(`too_large`) once it declares or reaches more than max_bytes."""
+    if int(response.headers.get("content-length") or 0) > max_bytes:
+        raise FetchError(too_large)
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > max_bytes:
+            raise FetchError(too_large)
+        yield chunk

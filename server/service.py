@@ -24,10 +24,12 @@ from api.schemas import (
     round_side,
 )
 from models.pipeline import SRPOPipeline
-from models.request import GenerationRequest, GenerationResult
+from models.lora_files import LoraFormatError
+from models.request import GenerationRequest, GenerationResult, LoraRef
 from server.errors import InputError, ServiceError, field_error
 from server.image_fetch import fetch_image_bytes
 from server.images import CONTENT_TYPES, ImageLoadError, data_uri, decode_image, encode_image
+from server.lora_sources import LoraSources
 from server.retry import RetryPolicy, describe
 from server.storage import StorageError, open_object_store
 from server.telemetry import Telemetry
@@ -92,7 +94,8 @@ def fit_to_pixel_cap(width: int, height: int, max_pixels: int) -> tuple[int, int
 
 
 def to_generation_request(
-    body: FalInput, seed: int, image: PILImage | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    body: FalInput, seed: int, image: PILImage | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    loras: tuple[LoraRef, ...] = (),
 ) -> GenerationRequest:
     """The model-level request for a validated body (image-to-image needs its decoded source)."""
     if isinstance(body, ImageToImageInput):
@@ -113,7 +116,17 @@ def to_generation_request(
         num_images=body.num_images,
         image=image,
         strength=strength,
+        loras=loras,
     )
+
+
+def lora_failure(exc: BaseException) -> LoraFormatError | None:
+    """The LoraFormatError behind a stage's failure (Ray wraps a replica's exception), if that was it."""
+    while exc is not None:
+        if isinstance(exc, LoraFormatError) and type(exc).__name__ == "LoraFormatError":
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
 
 
 class SRPOService:
@@ -125,6 +138,7 @@ class SRPOService:
         self.telemetry = telemetry or Telemetry()
         self.storage = open_object_store(settings)
         self.retry_policy = RetryPolicy(settings.retry_max_attempts)
+        self.loras = LoraSources(settings)
 
     def check(self, body: FalInput) -> None:
         """This deployment's limits beyond the schema's; raises InputError (422) before any work."""
@@ -134,6 +148,15 @@ class SRPOService:
             if width * height > cap:
                 message = f"{width}x{height} is {width * height} pixels; this deployment allows at most {cap} per image"
                 raise field_error("image_size", f"{message} (SRPO_MAX_PIXELS)", body.model_dump(mode="json")["image_size"])
+        settings = self.settings
+        if len(body.loras) > settings.lora_max_per_request:
+            raise field_error("loras", f"{len(body.loras)} LoRAs; this deployment applies at most "
+                              f"{settings.lora_max_per_request} per request (SRPO_LORA_MAX_PER_REQUEST)", len(body.loras))
+        for lora in body.loras:
+            if abs(lora.scale) > settings.lora_max_abs_scale:
+                raise field_error("loras", f"scale {lora.scale:g} of {lora.path} is outside "
+                                  f"[-{settings.lora_max_abs_scale:g}, {settings.lora_max_abs_scale:g}] "
+                                  f"(SRPO_LORA_MAX_ABS_SCALE)", lora.scale)
 
     async def run(
         self, body: FalInput, base: str, log: LogSink = no_log, output_ttl_s: float | None = None, retry: bool = True
@@ -161,7 +184,11 @@ class SRPOService:
         if isinstance(body, ImageToImageInput):
             log("Loading the input image")
             source = await self._load_source(body.image_url)
-        generation = to_generation_request(body, seed, source, self.settings.max_pixels)
+        loras = ()
+        if body.loras:
+            log(f"Loading {len(body.loras)} LoRA(s)")
+            loras = await self.loras.resolve_all(body.loras)
+        generation = to_generation_request(body, seed, source, self.settings.max_pixels, loras)
         policy = self.retry_policy if retry else RetryPolicy(max_attempts=1)
         attempts = 0
 
@@ -176,6 +203,8 @@ class SRPOService:
         try:
             result = await policy.run(attempt, self.backend.is_transient, log, deadline)
         except Exception as exc:
+            if (bad_lora := lora_failure(exc)) is not None:
+                raise InputError(str(bad_lora.args[0]) if bad_lora.args else "unusable LoRA") from exc
             if not self.backend.is_transient(exc):
                 raise
             tries = "" if policy.max_attempts == 1 else f" after {policy.max_attempts} attempts"
