@@ -3,18 +3,19 @@
 OpenAI's fields that mean nothing for this model (`quality`, `style`, `background`, `moderation`,
 `user`) are accepted and ignored, as other OpenAI-compatible image servers do. The sampling
 fields of the fal API (`seed`, `num_inference_steps`, `guidance_scale`, `enable_safety_checker`,
-`acceleration`, and `strength` for edits) are extensions: the official client sends them with
+`acceleration`, `loras`, and `strength` for edits) are extensions: the official client sends them with
 `extra_body`.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.schemas import MAX_PROMPT_CHARS, Acceleration, Seed
+from api.schemas import MAX_PROMPT_CHARS, Acceleration, LoraWeight, Seed
 
 MODEL_ID = "flux-srpo"
 SIZE_PATTERN = re.compile(r"^(?P<width>\d+)x(?P<height>\d+)$")
@@ -37,6 +38,18 @@ class _ImageRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=1, le=20)
     enable_safety_checker: bool = True
     acceleration: Acceleration = "none"
+    loras: list[LoraWeight] = Field(default_factory=list, description="Extension: fal's `loras` ([{path, scale}]).")
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_form(cls, value: Any) -> Any:
+        # A multipart edit carries each extension as a form field: the list arrives as JSON text.
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError("loras must be a JSON list of {path, scale}") from exc
+        return value
 
     @field_validator("size")
     @classmethod

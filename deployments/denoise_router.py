@@ -144,7 +144,9 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
             sent_at = self.placed.get(replica.replica_id, {}).get(wanted)
             return wanted in replica.routing_stats.get("loras", ()) or (sent_at is not None and now - sent_at < PLACED_S)
 
-        return {r.replica_id: self.cost.lora_load_s for r in replicas if not holds(r)}
+        # A replica with no free slot evicts a set that may be wanted next: that reload is priced too.
+        return {r.replica_id: self.cost.lora_load_s * (1 if r.routing_stats.get("lora_free_slots", 1) else 2)
+                for r in replicas if not holds(r)}
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         with self._lock:

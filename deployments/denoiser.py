@@ -182,7 +182,8 @@ class Denoiser(ReplicaHealth):
         load = replica_load(self.cost, self.engine.policy, self.engine.views(), self.engine.clock(),
                             arriving_s=self.arriving_s)
         return {"load": dataclasses.asdict(load), "at_s": time.time(), "cost_profile": str(self.cost_profile),
-                "loras": [adapter_id(key) for key in self.loras.residency.resident()]}
+                "loras": [adapter_id(key) for key in self.loras.residency.resident()],
+                "lora_free_slots": len(self.loras.residency.free_slots)}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What the Denoiser's autoscaling policy reads (deployments/autoscaling.py): this replica's

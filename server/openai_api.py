@@ -35,7 +35,7 @@ from server.images import data_uri
 
 RunSync = Callable[[TextToImageInput | ImageToImageInput, Request], Awaitable[Output]]
 CREATED = int(time.time())  # what /v1/models reports as the model's creation time
-SAMPLING_FIELDS = ("seed", "num_inference_steps", "guidance_scale", "enable_safety_checker", "acceleration")
+SAMPLING_FIELDS = ("seed", "num_inference_steps", "guidance_scale", "enable_safety_checker", "acceleration", "loras")
 EDIT_FILE_FIELDS = ("image", "image[]", "mask")
 
 

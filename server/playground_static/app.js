@@ -67,6 +67,8 @@ function control(name, prop, required) {
     const input = Object.assign(document.createElement("input"), { type: "checkbox", name, checked: !!prop.default });
     wrapper.prepend(input);
     read = () => input.checked;
+  } else if (scalar.type === "array" && scalar.items) {
+    read = listControl(wrapper, name, resolve(scalar.items));
   } else if (scalar.type === "integer" || scalar.type === "number") {
     const input = numberInput(name, scalar, prop.default, required);
     if (variants.length > options.length) input.placeholder = "random";
@@ -128,6 +130,38 @@ function selectControl(wrapper, name, values, value, object) {
   });
   select.dispatchEvent(new Event("change"));
   return () => (select.value ? select.value : Object.fromEntries(parts.map(([k, i]) => [k, Number(i.value)])));
+}
+
+// A list of objects (loras: [{path, scale}]) as rows of the item's fields, added and removed by buttons.
+function listControl(wrapper, name, item) {
+  const rows = Object.assign(document.createElement("div"), { className: "list-rows" });
+  const entries = [];
+  const add = Object.assign(document.createElement("button"), { type: "button", textContent: `Add ${name} row` });
+  add.className = "add-row";
+  add.addEventListener("click", () => {
+    const row = Object.assign(document.createElement("div"), { className: "list-row" });
+    const inputs = Object.entries(item.properties).map(([key, sub]) => {
+      const numeric = sub.type === "number" || sub.type === "integer";
+      const input = numeric ? numberInput(`${name}.${key}`, sub, sub.default, false)
+        : Object.assign(document.createElement("input"), { name: `${name}.${key}`, required: true });
+      input.placeholder = key;
+      input.title = `${key}: ${sub.description || ""}`;
+      row.append(input);
+      return [key, input, numeric];
+    });
+    const remove = Object.assign(document.createElement("button"), { type: "button", textContent: "Remove" });
+    remove.addEventListener("click", () => {
+      row.remove();
+      entries.splice(entries.indexOf(inputs), 1);
+    });
+    row.append(remove);
+    rows.append(row);
+    entries.push(inputs);
+  });
+  wrapper.append(rows, add);
+  return () => (entries.length ? entries.map((inputs) => Object.fromEntries(
+    inputs.filter(([, input]) => input.value !== "").map(([key, input, numeric]) => [key, numeric ? Number(input.value) : input.value]),
+  )) : undefined);
 }
 
 function textControl(wrapper, name, schema, value, required) {
