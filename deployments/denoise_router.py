@@ -60,7 +60,7 @@ def pending_work_s(cost: CostModel, pending: PendingRequest) -> float | None:
     return request_work_s(cost, request, mode)
 
 
-PLACED_S = 2.0  # a LoRA set sent to a replica counts as resident there this long, until its reports show it
+PLACED_MEMORY_S = 600.0  # how long a router remembers sending a LoRA set to a replica
 IN_FLIGHT_S = 0.1  # a request sent this long before a replica's report may not be in it yet (a loaded host)
 _ROUTERS: dict[str, LeastWorkRouter] = {}  # by app name: the Denoiser router of each app this process calls
 
@@ -78,7 +78,7 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
         self.cost: CostModel | None = None  # the replicas' profile, from their first report
         self.ledger = BacklogLedger(default_horizon_s=0.0, in_flight_s=IN_FLIGHT_S)
         self._lock = threading.Lock()  # Serve routes on its own loop; `open_backlogs` is called from the caller's
-        self.placed: dict[ReplicaID, dict[str, float]] = {}  # LoRA sets sent to each replica -> when
+        self.placed: dict[ReplicaID, dict[str, float]] = {}  # LoRA sets sent to each replica -> last sent at
         # Serve may ship this class by value, a copy with its own module globals: register in the
         # imported module, the one `denoiser_view` reads.
         import deployments.denoise_router as module
@@ -133,20 +133,40 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
         return [[by_id[chosen]]]
 
     def _lora_miss_s(self, replicas: list[RunningReplica], pending: PendingRequest) -> dict[ReplicaID, float]:
-        """What loading the request's LoRA set would add on each replica that does not hold it (nor
-        was just sent it): like Serve's model multiplexing, but priced inside the least-work choice."""
+        """What loading the request's LoRA set would add on each replica that will not hold it: like
+        Serve's model multiplexing, but priced inside the least-work choice. On a full replica the
+        load also evicts its least recently used set, which costs a reload in proportion to how
+        recently this router sent that set (so sets in use keep their replicas)."""
         request = denoise_request(pending)
         if request is None or not request.loras or self.cost is None:
             return {}
         wanted, now = adapter_id(adapter_key(request.loras)), time.time()
+        extra = {}
+        for replica in replicas:
+            resident, slots = self._expected_loras(replica)
+            if wanted in resident:
+                continue
+            price = self.cost.lora_load_s
+            if len(resident) >= slots:
+                used_at = self.placed.get(replica.replica_id, {}).get(resident[0], float("-inf"))
+                price += self.cost.lora_load_s / (1.0 + max(now - used_at, 0.0))
+            extra[replica.replica_id] = price
+        return extra
 
-        def holds(replica: RunningReplica) -> bool:
-            sent_at = self.placed.get(replica.replica_id, {}).get(wanted)
-            return wanted in replica.routing_stats.get("loras", ()) or (sent_at is not None and now - sent_at < PLACED_S)
-
-        # A replica with no free slot evicts a set that may be wanted next: that reload is priced too.
-        return {r.replica_id: self.cost.lora_load_s * (1 if r.routing_stats.get("lora_free_slots", 1) else 2)
-                for r in replicas if not holds(r)}
+    def _expected_loras(self, replica: RunningReplica) -> tuple[list[str], int]:
+        """The LoRA sets a replica will hold once what this router sent it since its report has loaded
+        (least recently used first), and its slot count."""
+        stats = replica.routing_stats
+        resident, slots = list(stats.get("loras", ())), stats.get("lora_slots", 1)
+        reported_at = stats.get("at_s", float("-inf")) - IN_FLIGHT_S
+        sent = self.placed.get(replica.replica_id, {})
+        for name in [n for n, at in sorted(sent.items(), key=lambda item: item[1]) if at > reported_at]:
+            if name in resident:
+                resident.remove(name)
+            resident.append(name)
+        for name in [n for n, at in sent.items() if at < reported_at - PLACED_MEMORY_S]:
+            del sent[name]
+        return resident[-slots:], slots
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         with self._lock:

@@ -183,7 +183,7 @@ class Denoiser(ReplicaHealth):
                             arriving_s=self.arriving_s)
         return {"load": dataclasses.asdict(load), "at_s": time.time(), "cost_profile": str(self.cost_profile),
                 "loras": [adapter_id(key) for key in self.loras.residency.resident()],
-                "lora_free_slots": len(self.loras.residency.free_slots)}
+                "lora_slots": self.loras.bank.slots - 1}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What the Denoiser's autoscaling policy reads (deployments/autoscaling.py): this replica's

@@ -165,9 +165,11 @@ def test_three_loras_through_the_queue_with_fal_client(server, reference, files,
     assert any("Loading 3 LoRA(s)" in entry["message"] for entry in logs), logs
 
 
-def test_different_loras_share_forwards_and_each_equals_its_alone_run(server, reference, files):
+def test_concurrent_requests_with_different_loras_each_equal_their_alone_run(server, reference, files):
+    """Six at once over two replicas with one device slot each: requests wait for a slot, none sees
+    another's adapter. (That different adapters share one forward is shown on the engine, where the
+    batch is chosen: tests/test_loras.py.)"""
     sets = [[], [("a", 1.0)], [("b", 0.5)], [("a", 0.4), ("kohya", 1.0)], [], [("xlabs", 1.3)]]
-    before = denoiser_stats(2)
     with httpx.Client(base_url=server, timeout=120) as client, ThreadPoolExecutor(6) as pool:
         bodies = [body(seed=i, num_inference_steps=8, image_size={"width": 128, "height": 128},
                        loras=[{"path": n, "scale": s} for n, s in chosen]) for i, chosen in enumerate(sets)]
@@ -177,11 +179,6 @@ def test_different_loras_share_forwards_and_each_equals_its_alone_run(server, re
             want = expected(reference, {k: b[k] for k in ("seed", "num_inference_steps", "image_size")},
                             [(files[n], s) for n, s in chosen])
             assert_same_pixels(pixels(response.json()["images"][0]["url"], client), want)
-    after = denoiser_stats(2)
-    mixed = sum(count for key, stats in after.items() for mix, count in stats["adapters_per_forward"].items()
-                if int(mix) > 1) - sum(count for key, stats in before.items()
-                                       for mix, count in stats["adapters_per_forward"].items() if int(mix) > 1)
-    assert mixed > 0, after  # forwards that carried samples with different adapters
 
 
 def test_alternating_loras_stay_where_they_are_resident(server, files):
