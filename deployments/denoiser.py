@@ -23,6 +23,7 @@ from deployments.metrics import ObservedEngine
 from deployments.runtime import ReplicaHealth, StageRuntime
 from models.acceleration import MODES, WARMUP_BATCH_SIZES, WARMUP_SIZES, Accelerator
 from models.denoise import start_state
+from models.device import copy_to_host, ready_marker
 from models.engine import DenoiseEngine
 from models.loading import load_scheduler_config, load_transformer
 from models.request import GenerationRequest
@@ -129,9 +130,14 @@ class Denoiser(ReplicaHealth):
             )
             state.cache = self.accelerator.step_cache(mode)
             updates: asyncio.Queue[DenoiseUpdate | None] = asyncio.Queue()
-            future = self.engine.submit(
-                state, lambda done, total: updates.put_nowait(DenoiseUpdate(done, total)), mode=mode
-            )
+            ready = []
+
+            def on_step(done: int, total: int) -> None:
+                if done == total:  # right after the last forward, before the engine queues another
+                    ready.append(ready_marker(self.runtime.device))
+                updates.put_nowait(DenoiseUpdate(done, total))
+
+            future = self.engine.submit(state, on_step, mode=mode)
         finally:
             self.arriving_s -= work
         future.add_done_callback(lambda _: updates.put_nowait(None))
@@ -144,7 +150,7 @@ class Denoiser(ReplicaHealth):
                 if update.step < update.total and time.monotonic() - sent >= PROGRESS_INTERVAL_S:
                     sent = time.monotonic()
                     yield update
-            latents = await asyncio.to_thread(future.result().cpu)
+            latents = await asyncio.to_thread(copy_to_host, future.result(), *ready[-1:])
             yield DenoiseUpdate(state.step, state.schedule.num_steps, latents)
         finally:
             future.cancel()

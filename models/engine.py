@@ -26,6 +26,7 @@ from typing import Callable
 from diffusers import FluxTransformer2DModel
 
 from models.denoise import DenoiseState, denoise_step
+from models.device import ForwardTimer
 from scheduling.policy import Active, CoBatch, Policy
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,10 @@ class DenoiseEngine:
         self._task: asyncio.Task | None = None
         self.batch_sizes: Counter[int] = Counter()  # samples per forward -> number of forwards
         self.most_active = 0  # the most requests it held at once (work should wait in front, not here)
-        # (image tokens per sample, samples) -> [forwards, seconds]: the step costs this device really sees
+        # (image tokens per sample, samples) -> [forwards, seconds]: the step costs this device really sees,
+        # timed with device events on a GPU (models/device.py)
         self.forward_seconds: dict[tuple[int, int], list[float]] = {}
+        self.timer = ForwardTimer()
 
     @property
     def failure(self) -> BaseException | None:
@@ -134,6 +137,11 @@ class DenoiseEngine:
             raise RuntimeError(f"policy {self.policy.name!r} mixed groups in one forward")
         return [by_key[a.key] for a in chosen]
 
+    def _forward(self, module: FluxTransformer2DModel, states: list[DenoiseState], samples: int) -> None:
+        began = self.timer.start(states[0].latents.device)
+        denoise_step(module, states)
+        self.timer.stop(began, (states[0].latents.shape[1], samples))
+
     async def _run(self) -> None:
         while True:
             batch = self._pick()
@@ -142,20 +150,20 @@ class DenoiseEngine:
                 await self._wake.wait()
                 continue
             states = [j.state for j in batch]
-            began = time.perf_counter()
+            samples = sum(s.num_samples for s in states)
             try:
-                await asyncio.to_thread(denoise_step, self.modules[batch[0].mode], states)
+                await asyncio.to_thread(self._forward, self.modules[batch[0].mode], states, samples)
             except Exception as exc:  # a failed forward fails its requests, not the engine
                 logger.exception("denoising step failed")
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
-            samples = sum(s.num_samples for s in states)
             self.batch_sizes[samples] += 1
-            tally = self.forward_seconds.setdefault((states[0].latents.shape[1], samples), [0, 0.0])
-            tally[0] += 1
-            tally[1] += time.perf_counter() - began
+            for key, seconds in self.timer.finished():
+                tally = self.forward_seconds.setdefault(key, [0, 0.0])
+                tally[0] += 1
+                tally[1] += seconds
             for job in batch:
                 if job.on_step is not None and not job.future.done():
                     try:
