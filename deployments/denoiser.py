@@ -20,8 +20,9 @@ from ray import serve
 
 from deployments.denoise_router import LeastWorkRouter, request_work_s
 from deployments.metrics import ObservedEngine
-from deployments.runtime import ReplicaHealth, StageRuntime
+from deployments.runtime import ReplicaHealth, StageRuntime, logger
 from models.acceleration import MODES, WARMUP_BATCH_SIZES, WARMUP_SIZES, Accelerator
+from models.attention import set_attention_backend
 from models.denoise import start_state
 from models.device import copy_to_host, ready_marker
 from models.engine import DenoiseEngine
@@ -80,8 +81,11 @@ class Denoiser(ReplicaHealth):
         self.transformer = load_transformer(
             paths.model_dir, self.runtime.device, self.runtime.dtype, paths.transformer_file
         )
+        backend = set_attention_backend(self.transformer, self.runtime.settings.attention_backend)
+        logger.info("denoiser replica: attention backend %s", backend)
         cache_dir = Path(compile_cache_dir) if compile_cache_dir else None
-        self.accelerator = Accelerator(self.transformer, acceleration_modes, compile_cache_dir=cache_dir)
+        self.accelerator = Accelerator(self.transformer, acceleration_modes, compile_cache_dir=cache_dir,
+                                       compile_on_cpu=self.runtime.settings.compile_on_cpu)
         self.cost_profile = self.runtime.settings.cost_profile or default_profile_path(self.runtime.device.type)
         self.cost = CostModel.load(self.cost_profile)
         engine = DenoiseEngine(
@@ -99,6 +103,7 @@ class Denoiser(ReplicaHealth):
         tokens, steps = FAL_DEFAULT_REQUEST
         self.request_s = steps * self.cost.step_s(tokens, 1)
         self.accelerator.warm_up(self.scheduler_config, self.runtime.dtype, warmup_sizes, warmup_batch_sizes)
+        self.runtime.log_peak_memory()
 
     async def denoise(
         self,

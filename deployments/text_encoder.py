@@ -17,6 +17,7 @@ class TextEncoder(ReplicaHealth):
         self.runtime = StageRuntime("text_encoder")
         self.encoder = PromptEncoder(self.runtime.paths.model_dir, self.runtime.device, self.runtime.dtype)
         self.encoder.encode(["warm-up"])  # first forward allocates; do it before reporting ready
+        self.runtime.log_peak_memory()
         self.cache: OrderedDict[str, PromptEmbedding] = OrderedDict()
         self.cache_size = cache_size
         self.encode.set_max_batch_size(max_batch_size)
