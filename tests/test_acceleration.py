@@ -173,3 +173,23 @@ def test_fp8_config_is_the_pinned_torchao_api_and_leaves_inductor_alone(tmp_path
     monkeypatch.setattr(torch._inductor.config, "coordinate_descent_tuning", True)
     prepare_compile()
     assert torch._inductor.config.coordinate_descent_tuning is False
+
+
+def test_attention_backend_is_a_setting_applied_to_every_layer(monkeypatch):
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from models.attention import choose_attention_backend
+    from settings import get_settings
+
+    assert choose_attention_backend("auto", torch.device("cuda"), torch.bfloat16) == "_native_flash"
+    assert choose_attention_backend("auto", CPU, torch.float32) == "native"
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        choose_attention_backend("fast", CPU, torch.float32)
+    monkeypatch.setenv("SRPO_ATTENTION_BACKEND", "_native_math")
+    get_settings.cache_clear()
+    try:
+        denoiser = Denoiser.func_or_class(warmup_sizes=[(128, 128)])
+    finally:
+        get_settings.cache_clear()
+    layers = [m for m in denoiser.transformer.modules() if hasattr(m, "processor")]
+    assert layers and all(m.processor._attention_backend == AttentionBackendName._NATIVE_MATH for m in layers)
