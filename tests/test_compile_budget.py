@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from models.acceleration import PLANS, WARMUP_BATCH_SIZES, WARMUP_SIZES, Accelerator
+from models.acceleration import WARMUP_BATCH_SIZES, WARMUP_SIZES, Accelerator
 from models.denoise import denoise_step, start_state
 from models.loading import load_scheduler_config, load_transformer
 from models.request import GenerationRequest
@@ -66,23 +66,27 @@ def test_no_size_batch_or_cache_subset_recompiles(compiled):
     assert states[1].cache.reused > 0 and states[0].cache.reused == 0
 
 
-@torch._dynamo.config.patch(error_on_recompile=True)
-def test_regular_runs_end_to_end_through_the_engine(compiled):
-    """`regular` as the Denoiser serves it: the engine, the compiled module and the step cache."""
-    from models.engine import DenoiseEngine
+def test_the_denoiser_serves_regular_on_cpu_when_the_setting_allows(compiled, monkeypatch, tmp_path):
+    """`regular` end to end as the Denoiser serves it (engine, compiled blocks, step cache), on CPU
+    because SRPO_COMPILE_ON_CPU allows it; without the setting it falls back to `none`."""
+    from deployments.denoiser import Denoiser
+    from models.text_encoding import PromptEncoder
+    from settings import get_settings
 
-    accelerator, config, _, _ = compiled
-    engine = DenoiseEngine(accelerator.modules["none"], 16384, modules=accelerator.modules)
-    module = accelerator.modules["regular"]
-    request = GenerationRequest(prompt="", width=256, height=128, num_inference_steps=4, guidance_scale=3.5,
+    monkeypatch.setenv("SRPO_COMPILE_ON_CPU", "true")
+    get_settings.cache_clear()
+    try:
+        denoiser = Denoiser.func_or_class(acceleration_modes=["none", "regular"], compile_cache_dir=str(tmp_path))
+    finally:
+        get_settings.cache_clear()
+    assert denoiser.stats()["acceleration_modes"] == ["none", "regular"]
+    request = GenerationRequest(prompt="a fox", width=256, height=128, num_inference_steps=4, guidance_scale=3.5,
                                 seed=5, num_images=2)
-    state = start_state(request, config, torch.zeros(1, 512, module.config.joint_attention_dim),
-                        torch.zeros(1, module.config.pooled_projection_dim), CPU, torch.float32)
-    state.cache = accelerator.step_cache("regular")
+    embedding = PromptEncoder(denoiser.runtime.paths.model_dir, CPU, torch.float32).encode([request.prompt])[0]
 
-    async def run():
-        return await engine.submit(state, mode="regular")
+    async def collect():
+        return [u async for u in denoiser.denoise(request, embedding, acceleration="regular")]
 
-    latents = asyncio.run(run())
-    assert latents.shape == (2, 128, 64) and torch.isfinite(latents).all()
-    assert state.cache.sample_steps == 8 and PLANS["regular"].cache_threshold == state.cache.threshold
+    updates = asyncio.run(collect())
+    assert updates[0].note is None and updates[-1].step == 4
+    assert updates[-1].latents.shape == (2, 128, 64) and torch.isfinite(updates[-1].latents).all()

@@ -82,3 +82,24 @@ def test_the_plan_counts_the_real_components():
     assert parameter_count("transformer") == 11_901_408_320
     assert parameter_count("text_encoder_2") == 4_762_310_656  # T5-XXL encoder
     assert 8 * GIB < fp8_copy_bytes() < 9 * GIB
+
+
+def test_vae_decodes_at_most_the_cap_per_call_and_tiles_large_images(tiny_model_dir, monkeypatch):
+    import torch
+
+    from models import vae as vae_module
+
+    codec = vae_module.VaeCodec(tiny_model_dir, torch.device("cpu"), torch.float32)
+    latents = torch.randn(5, 64, 64, generator=torch.Generator().manual_seed(0))  # 5 images of 128x128
+    whole = codec.decode(latents, 128, 128)  # 5 x 16384 pixels: under the default cap, one call
+    calls = []
+    decode = codec.vae.decode
+    monkeypatch.setattr(codec.vae, "decode", lambda z, **kw: calls.append((len(z), codec.vae.use_tiling)) or decode(z, **kw))
+    monkeypatch.setattr(vae_module, "MAX_DECODE_PIXELS", 2 * 128 * 128)
+    chunked = codec.decode(latents, 128, 128)
+    assert calls == [(2, False), (2, False), (1, False)]
+    assert all(abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(whole, chunked))
+    calls.clear()
+    monkeypatch.setattr(vae_module, "TILE_ABOVE_PIXELS", 100 * 100)
+    codec.decode(latents[:2], 128, 128)
+    assert calls == [(1, True), (1, True)]
