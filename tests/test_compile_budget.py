@@ -28,13 +28,14 @@ def compiled(tiny_model_dir, tmp_path_factory):
     counters.clear()
     transformer = load_transformer(tiny_model_dir, CPU, torch.float32)
     config = load_scheduler_config(tiny_model_dir)
-    accelerator = Accelerator(transformer, ["none", "regular"], compile_on_cpu=True,
-                              compile_cache_dir=tmp_path_factory.mktemp("inductor"))
-    began = time.perf_counter()
-    accelerator.warm_up(config, torch.float32, WARMUP_SIZES, WARMUP_BATCH_SIZES)
-    warm_up_s = time.perf_counter() - began
-    graphs = counters["stats"]["unique_graphs"]
-    yield accelerator, config, graphs, warm_up_s
+    with pytest.MonkeyPatch.context() as patch:  # inductor's cache folder for this module only
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+        accelerator = Accelerator(transformer, ["none", "regular"], compile_on_cpu=True)
+        began = time.perf_counter()
+        accelerator.warm_up(config, torch.float32, WARMUP_SIZES, WARMUP_BATCH_SIZES)
+        warm_up_s = time.perf_counter() - began
+        graphs = counters["stats"]["unique_graphs"]
+        yield accelerator, config, graphs, warm_up_s
     torch._dynamo.reset()
 
 
