@@ -146,6 +146,15 @@ class Settings(BaseSettings):
         "default: the shipped one for the device (scheduling/profiles/h100.json on CUDA, cpu-tiny.json on CPU).",
     )
 
+    attention_backend: str = Field(
+        "auto", description="The transformer's attention kernel (models/attention.py): auto = SDPA's flash kernel "
+        "on a GPU in bf16/fp16, PyTorch's SDPA elsewhere; or one of diffusers' backend names (e.g. native, flash).",
+    )
+    compile_on_cpu: bool = Field(
+        False, description="Let `regular` compile on a CPU (inductor's C++ backend; minutes of warm-up): tests "
+        "of the compiled path without a GPU. Off: `regular` falls back to `none` on a CPU.",
+    )
+
     fault_injection: bool = Field(
         False, description="Chaos tests only: lets a stage's inject_fault() make its replica fail health checks."
     )

@@ -30,6 +30,7 @@ from diffusers import FluxPipeline
 
 from benchmarks.common import device_and_dtype, model_args, parse_list, parse_size, tiny_model_dir, write_result
 from benchmarks.random_model import write_random_folder
+from models.acceleration import WARMUP_BATCH_SIZES, WARMUP_SIZES
 from models.loading import load_transformer
 from server.images import encode_image
 from settings import get_settings
@@ -37,11 +38,11 @@ from tests.harness import running_serve, tiny_env
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 TARGETS_S = {"none": 2.4, "regular": 1.4, "high": 0.8}  # issue 5, H100, 1024x768, 28 steps
-# One GPU for the whole graph: the Denoiser's share leaves room for the encoders and the VAE.
+# One GPU for the whole graph, shared as serve_config.1gpu.yaml shares it (the memory plan's shares).
 ONE_GPU_OPTIONS = {
-    "Denoiser": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 0.5}},
-    "TextEncoder": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 0.25}},
-    "Decoder": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 0.25}},
+    "Denoiser": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 0.6}},
+    "TextEncoder": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 0.2}},
+    "Decoder": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 0.2}},
 }
 
 
@@ -89,9 +90,12 @@ def serve_settings(args, folder: Path, storage: Path, device: torch.device) -> t
                 "SRPO_SAFETY_DIR": str(args.safety_dir or get_settings().tiny_dir / "safety_checker")}
         if args.transformer_file:
             env["SRPO_TRANSFORMER_FILE"] = str(args.transformer_file)
+    warm_up = {"denoise_warmup_sizes": [parse_size(s) for s in parse_list(args.warmup_sizes)],
+               "denoise_warmup_batch_sizes": parse_list(args.warmup_batches, int),
+               "denoise_acceleration_modes": parse_list(args.modes)}
     if device.type != "cuda":
-        return env, {}
-    return env | {"SRPO_DEVICE": "cuda", "SRPO_DTYPE": "bfloat16"}, {"deployment_options": ONE_GPU_OPTIONS}
+        return env, warm_up
+    return env | {"SRPO_DEVICE": "cuda", "SRPO_DTYPE": "bfloat16"}, {"deployment_options": ONE_GPU_OPTIONS, **warm_up}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--requests", type=int, default=5, help="timed requests per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests before them")
+    parser.add_argument("--warmup-sizes", default=",".join(f"{w}x{h}" for w, h in WARMUP_SIZES),
+                        help="sizes the Denoiser's compiled modes warm up at before ready")
+    parser.add_argument("--warmup-batches", default=",".join(map(str, WARMUP_BATCH_SIZES)))
     parser.add_argument("--safety-dir", type=Path, help="default: the tiny preset's checker (it is switched off)")
     parser.add_argument("--url", help="time a server already running there (same weights!) instead of starting one")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/srpo-random-flux-dev"),

@@ -41,6 +41,7 @@ class Decoder(ReplicaHealth):
         self.decode.set_max_batch_size(max_batch_size)
         self.decode.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._decode_batch([DecodeJob(torch.zeros(1, 256, 64), 256, 256, True)])  # warm-up
+        self.runtime.log_peak_memory()
 
     async def encode_image(
         self, image: Image.Image, height: int, width: int, seed: int, num_images: int

@@ -21,10 +21,12 @@ from ray import serve
 from deployments.denoise_router import LeastWorkRouter, adapter_id, request_work_s
 from deployments.lora_runtime import ReplicaLoras
 from deployments.metrics import ObservedEngine
-from deployments.runtime import ReplicaHealth, StageRuntime
+from deployments.runtime import ReplicaHealth, StageRuntime, logger
 from models.acceleration import MODES, WARMUP_BATCH_SIZES, WARMUP_SIZES, Accelerator
+from models.attention import set_attention_backend
 from models.denoise import start_state
 from models.lora_layers import NO_ADAPTER
+from models.device import copy_to_host, ready_marker
 from models.engine import DenoiseEngine
 from models.loading import load_scheduler_config, load_transformer
 from models.request import GenerationRequest
@@ -83,8 +85,11 @@ class Denoiser(ReplicaHealth):
         )
         # Before the acceleration modes copy or compile the blocks: every mode's module shares the bank.
         self.loras = ReplicaLoras(self.transformer, "transformer", "denoiser", self.runtime.settings)
+        backend = set_attention_backend(self.transformer, self.runtime.settings.attention_backend)
+        logger.info("denoiser replica: attention backend %s", backend)
         cache_dir = Path(compile_cache_dir) if compile_cache_dir else None
-        self.accelerator = Accelerator(self.transformer, acceleration_modes, compile_cache_dir=cache_dir)
+        self.accelerator = Accelerator(self.transformer, acceleration_modes, compile_cache_dir=cache_dir,
+                                       compile_on_cpu=self.runtime.settings.compile_on_cpu)
         self.cost_profile = self.runtime.settings.cost_profile or default_profile_path(self.runtime.device.type)
         self.cost = CostModel.load(self.cost_profile)
         engine = DenoiseEngine(
@@ -102,7 +107,9 @@ class Denoiser(ReplicaHealth):
         self.arriving_s = 0.0  # estimated work of requests received and not yet in the engine
         tokens, steps = FAL_DEFAULT_REQUEST
         self.request_s = steps * self.cost.step_s(tokens, 1)
-        self.accelerator.warm_up(self.scheduler_config, self.runtime.dtype, warmup_sizes, warmup_batch_sizes)
+        self.accelerator.warm_up(self.scheduler_config, self.runtime.dtype, warmup_sizes, warmup_batch_sizes,
+                                 loras=self.loras.bank)
+        self.runtime.log_peak_memory()
 
     async def denoise(
         self,
@@ -138,9 +145,14 @@ class Denoiser(ReplicaHealth):
             state.cache = self.accelerator.step_cache(mode)
             state.adapter = adapter
             updates: asyncio.Queue[DenoiseUpdate | None] = asyncio.Queue()
-            future = self.engine.submit(
-                state, lambda done, total: updates.put_nowait(DenoiseUpdate(done, total)), mode=mode
-            )
+            ready = []
+
+            def on_step(done: int, total: int) -> None:
+                if done == total:  # right after the last forward, before the engine queues another
+                    ready.append(ready_marker(self.runtime.device))
+                updates.put_nowait(DenoiseUpdate(done, total))
+
+            future = self.engine.submit(state, on_step, mode=mode)
         except BaseException:
             self.loras.release(adapter)
             raise
@@ -157,7 +169,7 @@ class Denoiser(ReplicaHealth):
                 if update.step < update.total and time.monotonic() - sent >= PROGRESS_INTERVAL_S:
                     sent = time.monotonic()
                     yield update
-            latents = await asyncio.to_thread(future.result().cpu)
+            latents = await asyncio.to_thread(copy_to_host, future.result(), *ready[-1:])
             yield DenoiseUpdate(state.step, state.schedule.num_steps, latents)
         finally:
             future.cancel()

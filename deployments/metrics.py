@@ -167,14 +167,20 @@ class ObservedEngine:
                 return
             self._stage.latency(time.perf_counter() - began)
             cache = state.cache
-            reused, computed = (cache.reused, cache.computed) if cache else (0, steps * state.num_samples)
-            for result, count in (("reused", reused), ("computed", computed)):
-                if count:  # a Ray counter only takes positive increments
-                    self._cache_steps.inc(count, {"result": result})
+            if cache is None:
+                self._count_cache_steps(0, steps * state.num_samples)
+            else:  # the reuse count lives on the device: read it off the event loop
+                asyncio.get_running_loop().run_in_executor(
+                    None, lambda: self._count_cache_steps(cache.reused, cache.computed))
 
         future = self._engine.submit(state, observed, mode=mode)
         future.add_done_callback(finished)
         return future
+
+    def _count_cache_steps(self, reused: int, computed: int) -> None:
+        for result, count in (("reused", reused), ("computed", computed)):
+            if count:  # a Ray counter only takes positive increments
+                self._cache_steps.inc(count, {"result": result})
 
     def _record_forwards(self) -> None:
         """Every forward since the last look, by its samples (each forward's hooks run right after it)."""

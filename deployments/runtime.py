@@ -29,6 +29,17 @@ class StageRuntime:
         self.metrics = StageMetrics(stage)
         logger.info("%s replica: %s on %s (%s)", stage, self.paths.model_dir, self.device, self.dtype)
 
+    def log_peak_memory(self) -> dict[str, float]:
+        """After warm-up: the device memory this replica peaked at (GiB), for the memory plan
+        (models/memory_plan.py) to be checked against; empty off CUDA."""
+        if self.device.type != "cuda":
+            return {}
+        peak = {"allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2**30,
+                "reserved_gib": torch.cuda.max_memory_reserved(self.device) / 2**30}
+        logger.info("%s replica: peak GPU memory after warm-up %.2f GiB allocated, %.2f GiB reserved",
+                    self.stage, peak["allocated_gib"], peak["reserved_gib"])
+        return peak
+
     def record_batch(self, size: int) -> None:
         self.batch_sizes[size] += 1
         self.metrics.batch(size)

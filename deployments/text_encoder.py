@@ -28,6 +28,7 @@ class TextEncoder(ReplicaHealth):
         self.encoder = PromptEncoder(self.runtime.paths.model_dir, self.runtime.device, self.runtime.dtype)
         self.loras = ReplicaLoras(self.encoder.clip, "text_encoder", "text_encoder", self.runtime.settings)
         self.encoder.encode(["warm-up"])  # first forward allocates; do it before reporting ready
+        self.runtime.log_peak_memory()
         self.cache: OrderedDict[CacheKey, PromptEmbedding] = OrderedDict()
         self.cache_size = cache_size
         self._encode_batch.set_max_batch_size(max_batch_size)

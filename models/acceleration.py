@@ -29,21 +29,26 @@ from diffusers import FluxTransformer2DModel
 from torch import nn
 
 from models.denoise import denoise_step, start_state
+from models.lora_layers import NO_ADAPTER, LoraBank
 from models.request import GenerationRequest
 from models.step_cache import StepCache
 
 logger = logging.getLogger(__name__)
 
 MODES = ("none", "regular", "high")
+WARMUP_SLOT = 1  # a LoRA slot no request holds during warm-up (zeros): compiles the graph with adapters
 FALLBACK = {"high": "regular", "regular": "none"}
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "srpo-serve" / "inductor"
-# Every (batch size, resolution) a compiled block sees may cost a recompile until dynamo marks the
-# changed dimension dynamic; the default limit (8) would silently drop blocks back to eager.
-RECOMPILE_LIMIT = 64
-# fal's size presets, (width, height): a compiled mode compiles for the first shapes it sees and
-# then for a dynamic batch and sequence length, so warming these up covers every later request.
-WARMUP_SIZES = ((1024, 768), (1024, 1024), (512, 512), (768, 1024), (576, 1024), (1024, 576))
-WARMUP_BATCH_SIZES = (1, 2, 4)
+CACHE_ARTIFACTS = "compile-artifacts.bin"  # torch.compiler's portable cache, beside inductor's own
+# Blocks compile with dynamic batch and sequence length from the first call (dynamic=True) and see
+# contiguous inputs only (models/step_cache.py), so each block class compiles twice: batch 1
+# (dynamo specialises sizes 0 and 1) and any other batch. The limit is a safety net, not a budget.
+RECOMPILE_LIMIT = 8
+COMPILE_OPTIONS = {"fullgraph": True, "dynamic": True}
+# One size and both batch classes compile every graph; tests/test_compile_budget.py checks that
+# every other size and batch then runs without a recompile.
+WARMUP_SIZES = ((1024, 768),)
+WARMUP_BATCH_SIZES = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,12 @@ PLANS = {
 }
 
 
-def unavailable_reason(plan: ModePlan, device: torch.device) -> str | None:
-    """Why a mode cannot run on `device`; None when it can."""
+def unavailable_reason(plan: ModePlan, device: torch.device, compile_on_cpu: bool = False) -> str | None:
+    """Why a mode cannot run on `device`; None when it can. `compile_on_cpu` lets compiled modes
+    without fp8 run on a CPU (inductor's C++ backend: slow to compile, for tests)."""
     if not (plan.compile or plan.fp8):
+        return None
+    if device.type == "cpu" and compile_on_cpu and not plan.fp8:
         return None
     if device.type != "cuda":
         return "needs a CUDA GPU with torchao" if plan.fp8 else "needs a CUDA GPU"
@@ -87,10 +95,22 @@ def _copy_sharing_modulation(block: nn.Module) -> nn.Module:
     return copy.deepcopy(block, shared)  # deepcopy returns memo entries as they are
 
 
-def _fp8_blocks(blocks: nn.ModuleList) -> nn.ModuleList:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+def fp8_config():
+    """torchao's config for `high`: fp8 weights and activations, one scale per row of each.
 
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    `set_inductor_config=False`: by default torchao switches inductor's coordinate-descent tuning
+    on for every later compile in the process (`regular`'s too), multiplying cold-start compile
+    time; inductor's settings are this module's choice (prepare_compile), not a side effect.
+    """
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+
+
+def _fp8_blocks(blocks: nn.ModuleList) -> nn.ModuleList:
+    from torchao.quantization import quantize_
+
+    config = fp8_config()
     copies = []
     for block in blocks:  # one block at a time: peak memory grows by one bf16 block, not the whole stack
         clone = _copy_sharing_modulation(block)
@@ -125,7 +145,7 @@ def build_module(
     if plan.fp8:
         double, single = _fp8_blocks(double), _fp8_blocks(single)
     if plan.compile:
-        options = {"fullgraph": True, **(compile_options or {})}
+        options = {**COMPILE_OPTIONS, **(compile_options or {})}
         double, single = _compiled(double, options), _compiled(single, options)
     return with_blocks(transformer, double, single)
 
@@ -138,8 +158,23 @@ def prepare_compile(cache_dir: Path | None = None) -> Path:
     loads compiled kernels instead of compiling again (minutes become seconds).
     """
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir or DEFAULT_COMPILE_CACHE))
+    # Deliberate inductor settings (not left to what an imported library sets): no coordinate-descent
+    # tuning, which costs minutes per graph at start for a few percent of step time.
+    torch._inductor.config.coordinate_descent_tuning = False
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    if (artifacts := folder / CACHE_ARTIFACTS).is_file():
+        torch.compiler.load_cache_artifacts(artifacts.read_bytes())
+    return folder
+
+
+def save_compile_artifacts(folder: Path) -> None:
+    """Write what this process compiled as torch.compiler's cache artifacts (loaded by prepare_compile)."""
+    if (saved := torch.compiler.save_cache_artifacts()) is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (CACHE_ARTIFACTS + ".partial")
+        tmp.write_bytes(saved[0])
+        tmp.replace(folder / CACHE_ARTIFACTS)
 
 
 class Accelerator:
@@ -151,8 +186,10 @@ class Accelerator:
         modes: Iterable[str] = MODES,
         compile_options: dict[str, Any] | None = None,
         compile_cache_dir: Path | None = None,
+        compile_on_cpu: bool = False,
     ) -> None:
         self.device = transformer.device
+        self.compile_cache: Path | None = None
         enabled = set(modes) | {"none"}
         if unknown := enabled - set(MODES):
             raise ValueError(f"unknown acceleration modes {sorted(unknown)}; known: {MODES}")
@@ -160,12 +197,13 @@ class Accelerator:
         self.unavailable: dict[str, str] = {}
         for mode in MODES:
             plan = PLANS[mode]
-            reason = unavailable_reason(plan, self.device) if mode in enabled else "disabled in this deployment"
+            reason = (unavailable_reason(plan, self.device, compile_on_cpu) if mode in enabled
+                      else "disabled in this deployment")
             if reason is not None:
                 self.unavailable[mode] = reason
                 continue
             if plan.compile:
-                prepare_compile(compile_cache_dir)
+                self.compile_cache = prepare_compile(compile_cache_dir)
             self.modules[mode] = build_module(transformer, plan, compile_options)
         for mode, reason in self.unavailable.items():
             logger.info("acceleration %r unavailable on %s: %s", mode, self.device.type, reason)
@@ -194,10 +232,15 @@ class Accelerator:
         dtype: torch.dtype,
         sizes: Sequence[tuple[int, int]] = WARMUP_SIZES,
         batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES,
+        modes: Sequence[str] | None = None,
+        loras: LoraBank | None = None,
     ) -> None:
-        """One forward per mode; every (size, batch size) for modes that compile, so that no request
-        waits for a compile."""
+        """One forward per mode; every (size, batch size) for modes that compile, through the path
+        that serves (with the mode's step cache), so that no request waits for a compile. With
+        `loras`, compiled modes also warm up the graph with adapters (an empty slot: adds zero)."""
         for mode, module in self.modules.items():
+            if modes is not None and mode not in modes:
+                continue
             config = module.config
             shapes = [(s, b) for s in sizes for b in batch_sizes] if PLANS[mode].compile else [(s, 1) for s in sizes[:1]]
             for (width, height), batch in shapes:
@@ -207,4 +250,11 @@ class Accelerator:
                 )
                 prompt = torch.zeros(1, 512, config.joint_attention_dim)
                 pooled = torch.zeros(1, config.pooled_projection_dim)
-                denoise_step(module, [start_state(request, scheduler_config, prompt, pooled, self.device, dtype)])
+                adapters = (NO_ADAPTER, WARMUP_SLOT) if loras is not None and PLANS[mode].compile else (NO_ADAPTER,)
+                for adapter in adapters:
+                    state = start_state(request, scheduler_config, prompt, pooled, self.device, dtype)
+                    state.cache = self.step_cache(mode)
+                    state.adapter = adapter
+                    denoise_step(module, [state], loras)
+        if self.compile_cache is not None:
+            save_compile_artifacts(self.compile_cache)

@@ -23,6 +23,7 @@ from models.sampling import (
     make_schedule,
     noised_image_latents,
     pack,
+    text_ids,
 )
 from models.lora_layers import NO_ADAPTER, LoraBank
 from models.step_cache import StepCache, forward_with_step_cache
@@ -91,7 +92,7 @@ def start_state(
     """The first denoising state of a request: its schedule and its start latents."""
     schedule = make_schedule(
         scheduler_config, request.num_inference_steps, request.height, request.width, request.strength
-    )
+    ).to(device)
     if image_latents_and_noise is None:
         generator = torch.Generator("cpu").manual_seed(request.seed)
         latents = initial_noise(generator, request.num_images, request.height, request.width, device, dtype)
@@ -126,19 +127,21 @@ def denoise_step(
     device = states[0].latents.device
     dtype = states[0].latents.dtype
     latents = torch.cat([s.latents for s in states])
-    t = torch.cat([s.schedule.timesteps[s.step].expand(s.num_samples) for s in states]).to(device)
-    sigma = torch.cat([s.schedule.sigmas[s.step].expand(s.num_samples) for s in states]).to(device)
-    sigma_next = torch.cat([s.schedule.sigmas[s.step + 1].expand(s.num_samples) for s in states]).to(device)
+    # Everything per step is built on the device (schedules live there; see start_state): a copy
+    # from the host would make the host wait for the device before every forward.
+    t = torch.cat([s.schedule.timesteps[s.step].expand(s.num_samples) for s in states])
+    sigma = torch.cat([s.schedule.sigmas[s.step].expand(s.num_samples) for s in states])
+    sigma_next = torch.cat([s.schedule.sigmas[s.step + 1].expand(s.num_samples) for s in states])
     guidance = torch.cat(
-        [torch.full((s.num_samples,), s.guidance_scale, dtype=torch.float32) for s in states]
-    ).to(device)
+        [torch.full((s.num_samples,), s.guidance_scale, dtype=torch.float32, device=device) for s in states]
+    )
     inputs = dict(
         hidden_states=latents,
         timestep=t.to(dtype) / 1000,  # the pipeline casts timesteps to the latents' dtype first
         guidance=guidance if transformer.config.guidance_embeds else None,
         pooled_projections=torch.cat([s.pooled for s in states]),
         encoder_hidden_states=torch.cat([s.prompt_embeds for s in states]),
-        txt_ids=torch.zeros(states[0].prompt_embeds.shape[1], 3, device=device, dtype=dtype),
+        txt_ids=text_ids(states[0].prompt_embeds.shape[1], device, dtype),
         img_ids=image_ids(height, width, device, dtype),
     )
     slots = [s.adapter for s in states for _ in range(s.num_samples)]

@@ -27,6 +27,7 @@ from diffusers import FluxTransformer2DModel
 
 from models.denoise import DenoiseState, denoise_step
 from models.lora_layers import LoraBank
+from models.device import ForwardTimer
 from scheduling.policy import Active, CoBatch, Policy
 
 logger = logging.getLogger(__name__)
@@ -88,8 +89,10 @@ class DenoiseEngine:
         # distinct LoRA adapters in a forward (no adapter counts as one) -> forwards: > 1 is a mixed forward
         self.adapters_per_forward: Counter[int] = Counter()
         self.most_active = 0  # the most requests it held at once (work should wait in front, not here)
-        # (image tokens per sample, samples) -> [forwards, seconds]: the step costs this device really sees
+        # (image tokens per sample, samples) -> [forwards, seconds]: the step costs this device really sees,
+        # timed with device events on a GPU (models/device.py)
         self.forward_seconds: dict[tuple[int, int], list[float]] = {}
+        self.timer = ForwardTimer()
 
     @property
     def failure(self) -> BaseException | None:
@@ -140,6 +143,11 @@ class DenoiseEngine:
             raise RuntimeError(f"policy {self.policy.name!r} mixed groups in one forward")
         return [by_key[a.key] for a in chosen]
 
+    def _forward(self, module: FluxTransformer2DModel, states: list[DenoiseState], samples: int) -> None:
+        began = self.timer.start(states[0].latents.device)
+        denoise_step(module, states, self.loras)
+        self.timer.stop(began, (states[0].latents.shape[1], samples))
+
     async def _run(self) -> None:
         while True:
             batch = self._pick()
@@ -148,21 +156,21 @@ class DenoiseEngine:
                 await self._wake.wait()
                 continue
             states = [j.state for j in batch]
-            began = time.perf_counter()
+            samples = sum(s.num_samples for s in states)
             try:
-                await asyncio.to_thread(denoise_step, self.modules[batch[0].mode], states, self.loras)
+                await asyncio.to_thread(self._forward, self.modules[batch[0].mode], states, samples)
             except Exception as exc:  # a failed forward fails its requests, not the engine
                 logger.exception("denoising step failed")
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
-            samples = sum(s.num_samples for s in states)
             self.batch_sizes[samples] += 1
             self.adapters_per_forward[len({s.adapter for s in states})] += 1
-            tally = self.forward_seconds.setdefault((states[0].latents.shape[1], samples), [0, 0.0])
-            tally[0] += 1
-            tally[1] += time.perf_counter() - began
+            for key, seconds in self.timer.finished():
+                tally = self.forward_seconds.setdefault(key, [0, 0.0])
+                tally[0] += 1
+                tally[1] += seconds
             for job in batch:
                 if job.on_step is not None and not job.future.done():
                     try:

@@ -48,7 +48,6 @@ class LoraBank:
         self.slots, self.max_rank = slots, max_rank
         self.sites: dict[str, _Site] = {}
         self.index: torch.Tensor | None = None  # (batch,) each sample's slot; None: no sample has one
-        self._slots: tuple[int, ...] = ()  # `index` on the host, for subsets (step cache)
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}  # device copies, made once per slot tuple
         for name, linear in module.named_modules():
             if isinstance(linear, nn.Linear):
@@ -104,24 +103,24 @@ class LoraBank:
     def active(self, slots: Sequence[int]) -> Iterator[None]:
         """During the block: sample i of each forward uses `slots[i]` (NO_ADAPTER: none). A batch in
         which no sample has an adapter runs the module's own path."""
-        saved = self.index, self._slots
+        saved = self.index
         self._set(tuple(slots))
         try:
             yield
         finally:
-            self.index, self._slots = saved
+            self.index = saved
 
     @contextlib.contextmanager
-    def subset(self, rows: Sequence[int]) -> Iterator[None]:
-        """During the block: the forward runs only these rows of the active batch (the step cache's)."""
-        saved = self.index, self._slots
-        if self._slots:
-            self._set(tuple(self._slots[r] for r in rows))
+    def subset(self, rows: torch.Tensor) -> Iterator[None]:
+        """During the block: the forward runs only these rows (a device index) of the active batch, as
+        the step cache does; the slot index follows on the device, with no host sync."""
+        saved = self.index
+        if self.index is not None:
+            self.index = self.index.index_select(0, rows)
         try:
             yield
         finally:
-            self.index, self._slots = saved
+            self.index = saved
 
     def _set(self, slots: tuple[int, ...]) -> None:
-        self._slots = slots
         self.index = self._device_index(slots) if any(s != NO_ADAPTER for s in slots) else None

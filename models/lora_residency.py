@@ -75,8 +75,9 @@ class LoraResidency:
                 raise
             finally:
                 del self._loading[key]
-            if slot == NO_ADAPTER:
-                return NO_ADAPTER
+            if slot != NO_ADAPTER:
+                self.users[slot] += 1
+            return slot
 
     def release(self, slot: int) -> None:
         if slot == NO_ADAPTER:

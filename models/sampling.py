@@ -7,7 +7,8 @@ for a whole batch at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,11 @@ class Schedule:
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
+
+    def to(self, device: torch.device) -> "Schedule":
+        """The schedule with its timesteps and sigmas on `device`: a step then indexes them there
+        instead of copying values from the host (the scheduler stays on the host)."""
+        return replace(self, timesteps=self.timesteps.to(device), sigmas=self.sigmas.to(device))
 
 
 def latent_size(height: int, width: int) -> tuple[int, int]:
@@ -86,9 +92,19 @@ def unpack(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return FluxPipeline._unpack_latents(latents, height, width, VAE_SCALE_FACTOR)
 
 
+@lru_cache(maxsize=64)
 def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    h, w = latent_size(height, width)
-    return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
+    """FluxPipeline._prepare_latent_image_ids, built on the device once per resolution."""
+    h, w = (n // 2 for n in latent_size(height, width))
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None, :]
+    return ids.reshape(h * w, 3).to(dtype)
+
+
+@lru_cache(maxsize=64)
+def text_ids(tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(tokens, 3, device=device, dtype=dtype)
 
 
 def euler_step(

@@ -18,22 +18,38 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from diffusers import FluxTransformer2DModel
+from torch import nn
 
 from models.lora_layers import LoraBank
 
 
 @dataclass
 class StepCache:
-    """One request's cache: a row per sample (image) of the request."""
+    """One request's cache: a row per sample (image) of the request.
+
+    Everything stays on the device: decisions are applied with `torch.where` and the reuse count
+    is a device tensor, read only when asked (`reused`, `computed`), so a step needs no host sync.
+    """
 
     threshold: float
     first_residual: torch.Tensor | None = None  # (n, L, D) first block's image residual at the last full step
     rest_residual: torch.Tensor | None = None  # (n, L, D) what the remaining blocks added at that step
-    computed: int = 0  # sample-steps that ran every block
-    reused: int = 0  # sample-steps that reused rest_residual
+    sample_steps: int = 0
+    reused_count: torch.Tensor | None = None  # () sample-steps that reused rest_residual, on the device
+
+    @property
+    def reused(self) -> int:
+        """Sample-steps that reused rest_residual (reads the device)."""
+        return 0 if self.reused_count is None else int(self.reused_count)
+
+    @property
+    def computed(self) -> int:
+        """Sample-steps that ran every block."""
+        return self.sample_steps - self.reused
 
     def reuse_mask(self, first_residual: torch.Tensor) -> torch.Tensor:
         """(n,) bool: which samples may skip the remaining blocks this step."""
@@ -47,12 +63,12 @@ class StepCache:
             self.first_residual, self.rest_residual = first_residual.clone(), rest_residual.clone()
         else:
             # The reference stays at the last full step, so small changes add up until they recompute.
-            computed = ~reused
-            self.first_residual[computed] = first_residual[computed]
-            self.rest_residual[computed] = rest_residual[computed]
-        skipped = int(reused.sum())
-        self.reused += skipped
-        self.computed += reused.numel() - skipped
+            keep = reused.view(-1, *([1] * (first_residual.dim() - 1)))
+            self.first_residual = torch.where(keep, self.first_residual, first_residual)
+            self.rest_residual = torch.where(keep, self.rest_residual, rest_residual)
+        count = reused.sum()
+        self.reused_count = count if self.reused_count is None else self.reused_count + count
+        self.sample_steps += reused.numel()
 
 
 def relative_change(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -60,6 +76,13 @@ def relative_change(current: torch.Tensor, reference: torch.Tensor) -> torch.Ten
     current, reference = current.float(), reference.float()
     dims = tuple(range(1, current.dim()))
     return (current - reference).abs().mean(dims) / reference.abs().mean(dims)
+
+
+@lru_cache(maxsize=64)
+def rotary_embedding(pos_embed: nn.Module, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rotary embedding of the text and image positions, computed once per resolution: the ids
+    come from models/sampling.py's per-resolution caches, so the same tensors mean the same positions."""
+    return pos_embed(torch.cat((txt_ids, img_ids), dim=0))
 
 
 def forward_with_step_cache(
@@ -90,7 +113,7 @@ def forward_with_step_cache(
     else:
         temb = transformer.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled_projections)
     context = transformer.context_embedder(encoder_hidden_states)
-    rotary = transformer.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+    rotary = rotary_embedding(transformer.pos_embed, txt_ids, img_ids)
     first, *rest = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
     context_1, hidden_1 = first(hidden_states=hidden, encoder_hidden_states=context, temb=temb, image_rotary_emb=rotary)
@@ -99,26 +122,23 @@ def forward_with_step_cache(
         cache.reuse_mask(r) if cache is not None else torch.zeros(len(r), dtype=torch.bool, device=r.device)
         for cache, r in zip(caches, first_residual.split(sizes))
     ])
-    # One host sync per step: the size of the remaining blocks' batch depends on the decisions.
-    run_rows = [i for i, skip in enumerate(reused.tolist()) if not skip]
-    run = torch.tensor(run_rows, dtype=torch.long)
-    final = torch.empty_like(hidden_1)
+    # The one host sync per step: the size of the remaining blocks' batch depends on the decisions.
+    run = (~reused).nonzero().squeeze(1)
+    computed = hidden_1
     if len(run):
-        run = run.to(hidden.device)
-        h, c, e = hidden_1[run], context_1[run], temb[run]
-        with loras.subset(run_rows) if loras is not None else contextlib.nullcontext():
+        # Contiguous inputs: compiled blocks then see one memory layout whatever the batch.
+        h, c, e = (x.index_select(0, run).contiguous() for x in (hidden_1, context_1, temb))
+        with loras.subset(run) if loras is not None else contextlib.nullcontext():
             for block in rest:
                 c, h = block(hidden_states=h, encoder_hidden_states=c, temb=e, image_rotary_emb=rotary)
-        final[run] = h
-
-    start = 0
-    for cache, n in zip(caches, sizes):
-        rows = slice(start, start + n)
-        start += n
-        if cache is None:
-            continue
-        mask = reused[rows]
-        if cache.rest_residual is not None:
-            final[rows][mask] = hidden_1[rows][mask] + cache.rest_residual[mask]
-        cache.record(first_residual[rows], final[rows] - hidden_1[rows], mask)
+        computed = hidden_1.index_copy(0, run, h)
+    cached_rest = torch.cat([
+        cache.rest_residual if cache is not None and cache.rest_residual is not None else torch.zeros_like(r)
+        for cache, r in zip(caches, first_residual.split(sizes))
+    ])
+    final = torch.where(reused.view(-1, 1, 1), hidden_1 + cached_rest, computed)
+    for cache, rows, first_rows, mask in zip(caches, (final - hidden_1).split(sizes), first_residual.split(sizes),
+                                             reused.split(sizes)):
+        if cache is not None:
+            cache.record(first_rows, rows, mask)
     return transformer.proj_out(transformer.norm_out(final, temb))

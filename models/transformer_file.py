@@ -3,6 +3,12 @@
 SRPO ships one 47.6 GB fp32 safetensors with diffusers key names. Loading it the usual way holds
 the whole fp32 state dict next to the model; here each tensor is read (memory-mapped), cast and
 placed one at a time, so memory peaks at the model in its serving dtype plus one tensor.
+
+Many copies are published in BFL's own layout (`double_blocks.0.img_attn.qkv.weight`, ComfyUI adds
+`model.diffusion_model.`): those are cast tensor by tensor as read (never the fp32 model in host
+memory) and renamed by diffusers' own converter. Files stored in fp8 are refused: upcasting them
+would serve fp8-quality weights as if they were the bf16 model (acceleration `high` makes its own
+fp8 copy with per-row scales from bf16 weights).
 """
 
 from __future__ import annotations
@@ -13,9 +19,15 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxTransformer2DModel
+from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from safetensors import safe_open
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_FP8_CODES = {"F8_E4M3", "F8_E5M2", "F8_E4M3FN", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+
+
+def _is_bfl_layout(keys: list[str]) -> bool:
+    return any(k.removeprefix("model.diffusion_model.").startswith("double_blocks.") for k in keys)
 
 
 def load_transformer_file(
@@ -28,15 +40,26 @@ def load_transformer_file(
     expected = set(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     with safe_open(str(weights), framework="pt", device="cpu") as f:
-        found = set(f.keys())
+        keys = list(f.keys())
+        if fp8 := sorted({f.get_slice(k).get_dtype() for k in keys} & _FP8_CODES):
+            raise ValueError(
+                f"{weights} stores its weights in fp8 ({', '.join(fp8)}); refused: serve a bf16 or fp32 file "
+                "(acceleration 'high' builds its own fp8 copy with per-row scales)"
+            )
+        if _is_bfl_layout(keys):
+            state = convert_flux_transformer_checkpoint_to_diffusers({k: f.get_tensor(k).to(dtype) for k in keys})
+            for key in list(state):  # one tensor at a time to the device
+                state[key] = state.pop(key).to(device)
+        found = set(state) or set(keys)
         if found != expected:
             missing, unexpected = sorted(expected - found), sorted(found - expected)
             raise ValueError(
                 f"{weights} does not match the transformer config: missing {missing[:5]} ({len(missing)}), "
                 f"unexpected {unexpected[:5]} ({len(unexpected)})"
             )
-        for key in f.keys():
-            state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+        if not state:
+            for key in keys:
+                state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 

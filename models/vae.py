@@ -13,6 +13,21 @@ from PIL import Image
 from models.loading import load_vae
 from models.sampling import VAE_SCALE_FACTOR, initial_noise, unpack
 
+# One VAE decode's activations grow with its pixels (~1.5 KB per output pixel in bf16 at the last
+# up block), so a call decodes at most this many pixels; an image above TILE_ABOVE_PIXELS is decoded
+# alone in tiles (diffusers' tiled decode, 1024-pixel tiles for FLUX's VAE), which bounds memory
+# at the cost of blended tile seams (FluxPipeline does not tile by default).
+MAX_DECODE_PIXELS = 4 * 1024 * 1024
+TILE_ABOVE_PIXELS = 1024 * 1024
+
+
+def decode_chunks(num_images: int, height: int, width: int) -> tuple[int, bool]:
+    """(images per VAE call, whether to tile) for images of one size."""
+    pixels = height * width
+    if pixels > TILE_ABOVE_PIXELS:
+        return 1, True
+    return max(1, min(num_images, MAX_DECODE_PIXELS // pixels)), False
+
 
 class VaeCodec:
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
@@ -40,8 +55,13 @@ class VaeCodec:
     @torch.no_grad()
     def decode(self, packed_latents: torch.Tensor, height: int, width: int) -> list[np.ndarray]:
         """Packed latents (B, L, 64) to B uint8 HxWx3 arrays."""
-        latents = unpack(packed_latents.to(self.device, self.dtype), height, width)
-        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        decoded = self.vae.decode(latents, return_dict=False)[0]
-        pil = VaeImageProcessor.numpy_to_pil(self.processor.postprocess(decoded, output_type="np"))
-        return [np.asarray(im) for im in pil]
+        per_call, tiled = decode_chunks(packed_latents.shape[0], height, width)
+        self.vae.use_tiling = tiled
+        images: list[np.ndarray] = []
+        for chunk in packed_latents.split(per_call):
+            latents = unpack(chunk.to(self.device, self.dtype), height, width)
+            latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            decoded = self.vae.decode(latents, return_dict=False)[0]
+            pil = VaeImageProcessor.numpy_to_pil(self.processor.postprocess(decoded, output_type="np"))
+            images += [np.asarray(im) for im in pil]
+        return images

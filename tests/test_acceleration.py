@@ -65,10 +65,11 @@ def test_cpu_falls_back_to_none_and_says_so(transformer):
         accelerator.resolve("turbo")
 
 
-def test_reasons_on_a_gpu_and_disabled_modes(transformer):
+def test_reasons_on_a_gpu_and_disabled_modes(transformer, monkeypatch):
     gpu = torch.device("cuda")
     assert unavailable_reason(PLANS["none"], gpu) is None and unavailable_reason(PLANS["regular"], gpu) is None
-    assert unavailable_reason(PLANS["high"], gpu) == "needs torchao, which is not installed"  # not installed here
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))  # an A100
+    assert unavailable_reason(PLANS["high"], gpu) == "needs fp8 matmuls (compute capability 8.9+)"
     mode, note = Accelerator(transformer, modes=["none"]).resolve("regular")
     assert mode == "none" and "(disabled in this deployment)" in note
     with pytest.raises(ValueError):
@@ -157,3 +158,38 @@ def test_step_cache_decides_per_sample_in_a_mixed_batch(transformer, make_state)
         assert (batched.cache.reused, batched.cache.computed) == (single.cache.reused, single.cache.computed)
         assert 0 < batched.cache.reused
         torch.testing.assert_close(batched.latents, single.latents, rtol=0, atol=1e-5)
+
+
+def test_fp8_config_is_the_pinned_torchao_api_and_leaves_inductor_alone(tmp_path, monkeypatch):
+    """The exact config `high` quantizes with, built against the pinned torchao (CPU cannot quantize)."""
+    from torchao.quantization import PerRow
+
+    from models.acceleration import fp8_config, prepare_compile
+
+    config = fp8_config()
+    assert config.granularity == [PerRow(), PerRow()] and config.activation_dtype == torch.float8_e4m3fn
+    assert config.set_inductor_config is False  # torchao's default turns on coordinate descent for every compile
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch._inductor.config, "coordinate_descent_tuning", True)
+    prepare_compile()
+    assert torch._inductor.config.coordinate_descent_tuning is False
+
+
+def test_attention_backend_is_a_setting_applied_to_every_layer(monkeypatch):
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from models.attention import choose_attention_backend
+    from settings import get_settings
+
+    assert choose_attention_backend("auto", torch.device("cuda"), torch.bfloat16) == "_native_flash"
+    assert choose_attention_backend("auto", CPU, torch.float32) == "native"
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        choose_attention_backend("fast", CPU, torch.float32)
+    monkeypatch.setenv("SRPO_ATTENTION_BACKEND", "_native_math")
+    get_settings.cache_clear()
+    try:
+        denoiser = Denoiser.func_or_class(warmup_sizes=[(128, 128)])
+    finally:
+        get_settings.cache_clear()
+    layers = [m for m in denoiser.transformer.modules() if hasattr(m, "processor")]
+    assert layers and all(m.processor._attention_backend == AttentionBackendName._NATIVE_MATH for m in layers)

@@ -33,6 +33,9 @@ def read_result(out: Path, name: str) -> dict:
 
 def test_engine_level_scripts_and_the_report(tmp_path):
     out = ["--tiny", "--out", str(tmp_path)]
+    step_latency.main([*out, "--size", "128x128", "--batch-sizes", "1,2", "--repeats", "1", "--modes", "none,regular"])
+    step_latency.main([*out, "--size", "128x128", "--modes", "none", "--budget-s", "-1"])
+    assert "not reached within --budget-s" in read_result(tmp_path, "step_latency")["table"]
     step_latency.main([*out, "--size", "128x128", "--batch-sizes", "1,2", "--repeats", "1"])
     load_test.main([*out, "--mix", "128x128:2,192x128:3", "--requests", "4", "--loads", "0.8"])
     quality.main([*out, "--size", "128x128", "--steps", "3", "--samples", "2"])
@@ -65,12 +68,15 @@ def test_http_scripts_against_one_tiny_server(tmp_path, tiny_root):
 
 
 def test_one_gpu_serve_settings(tmp_path):
-    args = argparse.Namespace(tiny=False, safety_dir=None, transformer_file=Path("/w/srpo.safetensors"))
+    args = argparse.Namespace(tiny=False, safety_dir=None, transformer_file=Path("/w/srpo.safetensors"),
+                              modes="none,regular", warmup_sizes="1024x768,512x512", warmup_batches="1,2")
     env, app_args = end_to_end.serve_settings(args, Path("/w/flux"), tmp_path, torch.device("cuda"))
     assert env["SRPO_MODEL_DIR"] == "/w/flux" and env["SRPO_TRANSFORMER_FILE"] == "/w/srpo.safetensors"
     assert env["SRPO_DEVICE"] == "cuda" and env["SRPO_DTYPE"] == "bfloat16"
     gpus = [o["ray_actor_options"]["num_gpus"] for o in app_args["deployment_options"].values()]
     assert sum(gpus) == 1
+    assert app_args["denoise_warmup_sizes"] == [(1024, 768), (512, 512)] and app_args["denoise_warmup_batch_sizes"] == [1, 2]
+    assert app_args["denoise_acceleration_modes"] == ["none", "regular"]
 
 
 @pytest.mark.parametrize("build, params", [

@@ -20,7 +20,7 @@ DEPLOYMENTS = {"Ingress", "TextEncoder", "Denoiser", "Decoder"}
 
 
 def test_configs_name_only_real_deployments_and_valid_args():
-    for name in ("serve_config.yaml", "serve_config.gpu.yaml"):
+    for name in ("serve_config.yaml", "serve_config.1gpu.yaml", "serve_config.gpu.yaml"):
         config = yaml.safe_load((ROOT / name).read_text())
         (app,) = config["applications"]
         assert app["import_path"] == "deployments.app:build_app"

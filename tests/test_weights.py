@@ -73,3 +73,11 @@ def test_incomplete_folder_names_everything_missing(tiny_model_dir, tmp_path):
         check_model_folder(tmp_path / "nowhere")
     with pytest.raises(ModelFolderError, match="missing"):
         SRPOPipeline(folder, None, CPU, torch.float32)
+
+
+def test_fp8_stored_transformer_file_is_refused_not_upcast(split_folder, tmp_path):
+    folder, srpo = split_folder
+    fp8 = tmp_path / "srpo_fp8.safetensors"
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in load_file(srpo).items()}, fp8)
+    with pytest.raises(ValueError, match=r"stores its weights in fp8 \(F8_E4M3\); refused"):
+        load_transformer(folder, CPU, torch.bfloat16, transformer_file=fp8)
