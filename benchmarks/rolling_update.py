@@ -1,20 +1,23 @@
-"""Rolling updates under load: redeploy the app twice while synchronous and queued requests flow.
+"""Rolling updates under load: redeploy the shipped Serve config twice while sync and queued requests flow.
 
     /work/slot .venv/bin/python -m benchmarks.rolling_update --duration 75
 
-The tiny preset on one local Ray node (CPU). A steady stream (one synchronous request at a time in
-each of `--sync` threads, and a queued submission every `--submit-every` seconds) runs for
-`--duration` seconds; a third of the way in the application is redeployed with a changed config
-(the Ingress's request cap and the TextEncoder's batch wait: Serve starts new replicas of the
-changed deployments and stops the old ones gracefully), two thirds in with a new code version of
-every deployment (`version`, as a new image would). It reports non-2xx answers, transport errors
-and queued requests that did not complete, and which version serves at the end; exits 1 if any.
+serve_config.yaml with the tiny preset on one local Ray node (CPU), deployed the way KubeRay
+applies `serveConfigV2` (a declarative config to Serve's controller). A steady stream (one
+synchronous request at a time in each of `--sync` threads, a queued submission every
+`--submit-every` seconds) runs for `--duration` seconds. A third of the way in, a config change
+that Serve applies in place (the Ingress's request cap, the Denoiser's downscale delay: no replica
+restarts); two thirds in, a code change (the application's runtime_env, as a new build's would:
+Serve replaces every replica, starting new ones before stopping old ones gracefully). Reports
+non-2xx answers, transport errors, queued requests that did not complete, and whether the
+replicas were kept by the first change and all replaced by the second; exits 1 on any fault.
 Results: docs/operations.md ("Rolling updates").
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -25,15 +28,16 @@ from pathlib import Path
 
 import httpx
 import ray
+import yaml
 from ray import serve
+from ray.serve.schema import ServeDeploySchema
 
-from deployments.app import build_app
 from models.tiny import ensure_tiny_model
-from tests.harness import APP_NAME, running_serve, tiny_env
+from tests.harness import APP_NAME, free_port, tiny_env
 
 T2I = "fal-ai/flux/srpo"
 REQUESTS = "/queue/fal-ai/flux/requests"
-STAGES = ("Ingress", "TextEncoder", "Denoiser", "Decoder")
+SHIPPED = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
 
 def request(i: int) -> dict:
@@ -42,20 +46,37 @@ def request(i: int) -> dict:
 
 
 def replicas() -> set[str]:
-    """The names of the app's replica actors (a new code version replaces every one)."""
+    """The names of the app's replica actors (a restarted replica has a new one)."""
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#")}
 
 
-def args_for(version: str | None, changed: bool) -> dict:
-    options: dict[str, dict] = {name: {} for name in STAGES}
-    if changed:
-        options["Ingress"]["max_ongoing_requests"] = 48
-        options["TextEncoder"]["max_ongoing_requests"] = 24
-    if version:
-        for name in STAGES:
-            options[name]["version"] = version
-    return {"deployment_options": options}
+def deployment(config: dict, name: str) -> dict:
+    (app,) = config["applications"]
+    return next(d for d in app["deployments"] if d["name"] == name)
+
+
+def configs(env: dict[str, str]) -> tuple[dict, dict, dict]:
+    """The shipped config, the same with an in-place change, and that with a code change."""
+    first = yaml.safe_load(SHIPPED.read_text())
+    first["applications"][0]["runtime_env"] = {"env_vars": env}
+    in_place = copy.deepcopy(first)
+    deployment(in_place, "Ingress")["max_ongoing_requests"] = 48
+    deployment(in_place, "Denoiser")["autoscaling_config"]["downscale_delay_s"] = 30
+    code = copy.deepcopy(in_place)
+    code["applications"][0]["runtime_env"]["env_vars"]["SRPO_BUILD"] = "v2"
+    return first, in_place, code
+
+
+def apply(config: dict, timeout_s: float = 300) -> None:
+    """Send the config to Serve's controller (as KubeRay does) and wait until the app is RUNNING."""
+    serve.context._get_global_client().deploy_apps(ServeDeploySchema(**{
+        k: v for k, v in config.items() if k == "applications"}))
+    deadline = time.monotonic() + timeout_s
+    time.sleep(1)  # the controller takes the new target on its next loop
+    while str(serve.status().applications[APP_NAME].status) != "ApplicationStatus.RUNNING":
+        assert time.monotonic() < deadline, "the application never became RUNNING"
+        time.sleep(0.5)
 
 
 def main() -> int:
@@ -65,14 +86,19 @@ def main() -> int:
     parser.add_argument("--submit-every", type=float, default=1.0)
     opts = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="rolling-"))
-    tiny = tmp / "tiny"
-    ensure_tiny_model(tiny)
+    ensure_tiny_model(tmp / "tiny")
+    first, in_place, code = configs(tiny_env(tmp / "tiny", tmp, SRPO_QUEUE_CONCURRENCY="4"))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
     outcomes: Counter[str] = Counter()
     queued: list[str] = []
     stop = threading.Event()
     events: list[tuple[float, str]] = []
-    with running_serve(tiny_env(tiny, tmp, SRPO_QUEUE_CONCURRENCY="4"), args_for("v1", False)) as base:
-        began, first_replicas = time.monotonic(), replicas()
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        serve.start(proxy_location=first["proxy_location"], http_options={"host": "127.0.0.1", "port": port})
+        apply(first)
+        first_replicas = replicas()
 
         def sync_loop(worker: int) -> None:
             with httpx.Client(base_url=base, timeout=120) as client:
@@ -100,14 +126,16 @@ def main() -> int:
 
         threads = [threading.Thread(target=sync_loop, args=(w,)) for w in range(opts.sync)]
         threads.append(threading.Thread(target=submit_loop))
+        began = time.monotonic()
         for thread in threads:
             thread.start()
-        for at, label, args in ((1 / 3, "config change", args_for("v1", True)),
-                                (2 / 3, "code version v2", args_for("v2", True))):
+        kept = None
+        for at, label, config in ((1 / 3, "in-place config change", in_place), (2 / 3, "code change", code)):
             time.sleep(max(0.0, began + opts.duration * at - time.monotonic()))
-            events.append((time.monotonic() - began, f"{label}: redeploy sent"))
-            serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-            events.append((time.monotonic() - began, f"{label}: application RUNNING"))
+            events.append((round(time.monotonic() - began, 1), f"{label}: sent"))
+            apply(config)
+            events.append((round(time.monotonic() - began, 1), f"{label}: application RUNNING"))
+            kept = replicas() == first_replicas if kept is None else kept
         time.sleep(max(0.0, began + opts.duration - time.monotonic()))
         stop.set()
         for thread in threads:
@@ -117,20 +145,25 @@ def main() -> int:
             deadline = time.monotonic() + 180
             for request_id in queued:
                 while True:
-                    body = client.get(f"{REQUESTS}/{request_id}/status").json()
-                    if body["status"] == "COMPLETED" or time.monotonic() > deadline:
+                    status = client.get(f"{REQUESTS}/{request_id}/status").json()["status"]
+                    if status == "COMPLETED" or time.monotonic() > deadline:
                         break
                     time.sleep(0.2)
-                if body["status"] != "COMPLETED" or client.get(f"{REQUESTS}/{request_id}").status_code != 200:
+                if status != "COMPLETED" or client.get(f"{REQUESTS}/{request_id}").status_code != 200:
                     lost.append(request_id)
-        app = serve.status().applications[APP_NAME]
+        wait_replaced = time.monotonic() + 120  # the old replicas stop once they drained
+        while replicas() & first_replicas and time.monotonic() < wait_replaced:
+            time.sleep(0.5)
         replaced = not (replicas() & first_replicas)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     bad = {k: v for k, v in outcomes.items() if not k.endswith(" 200")}
     report = {"duration_s": opts.duration, "outcomes": dict(outcomes), "non_2xx_or_errors": bad,
-              "queued": len(queued), "queued_lost": len(lost), "events": events, "app_status": str(app.status),
-              "every_replica_replaced": replaced}
+              "queued": len(queued), "queued_lost": len(lost), "events": events,
+              "in_place_change_kept_every_replica": kept, "code_change_replaced_every_replica": replaced}
     print(json.dumps(report, indent=2))
-    return 1 if bad or lost or not replaced else 0
+    return 1 if bad or lost or not kept or not replaced else 0
 
 
 if __name__ == "__main__":
