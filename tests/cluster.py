@@ -9,10 +9,11 @@ preemption notice) and the GCS can be restarted against an external Redis (GCS f
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
@@ -66,12 +67,13 @@ class LocalCluster:
 
 
 @contextmanager
-def local_cluster(tmp: Path, env: dict[str, str], gpu_nodes: int = 2, **head_args: Any) -> Iterator[LocalCluster]:
-    """A head node and `gpu_nodes` GPU nodes on 127.0.0.1; the driver connected with `env` for every
-    replica. Ray's files (and its "current cluster" address file) live under `tmp`, so no other Ray
-    instance on this machine connects to this one by accident."""
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = str(tmp)
+def local_cluster(env: dict[str, str], gpu_nodes: int = 2, **head_args: Any) -> Iterator[LocalCluster]:
+    """A head node and `gpu_nodes` GPU nodes; the driver connected with `env` for every replica.
+    Ray's files (and its "current cluster" address file) live in a directory of their own, so no
+    other Ray instance on this machine connects to this one by accident; under /tmp, as Ray's
+    socket paths must stay within 107 bytes."""
+    saved, tmp = os.environ.get("RAY_TMPDIR"), tempfile.mkdtemp(prefix="rc-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = tmp
     port = free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": False,
@@ -87,6 +89,7 @@ def local_cluster(tmp: Path, env: dict[str, str], gpu_nodes: int = 2, **head_arg
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
         if saved is None:
             os.environ.pop("RAY_TMPDIR", None)
         else:

@@ -55,7 +55,7 @@ def assert_reference_pixels(client: httpx.Client, reference: SRPOPipeline, field
 def cluster(tiny_root, tmp_path_factory) -> Iterator[LocalCluster]:
     tmp = tmp_path_factory.mktemp("cluster")
     env = tiny_env(tiny_root, tmp, SRPO_QUEUE_CONCURRENCY="8")
-    with local_cluster(tmp / "r", env) as local:  # a short path: Ray's socket names must fit
+    with local_cluster(env) as local:
         yield local
 
 

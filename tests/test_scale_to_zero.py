@@ -34,8 +34,10 @@ def test_a_request_waits_for_a_replica_when_the_denoiser_scaled_to_zero(tiny_roo
         # A first call through the ingress's Denoiser handle, then idle until no replica is left.
         assert client.post(f"/{APP}", json=small()).status_code == 200
         wait_until(lambda: running_denoisers() == 0, 90, "the Denoiser to scale to zero")
-        sync = pool.submit(client.post, f"/{APP}", json=small(seed=2))
+        # The queued request first: the queue worker claims one request while no Denoiser runs.
         queued = client.post(f"/queue/{APP}", json=small(seed=3)).json()["request_id"]
+        wait_status(client, queued, lambda b: b["status"] != "IN_QUEUE")
+        sync = pool.submit(client.post, f"/{APP}", json=small(seed=2))
         response = sync.result()
         assert response.status_code == 200, response.text
         status = wait_status(client, queued, lambda b: b["status"] == "COMPLETED", timeout_s=120)
