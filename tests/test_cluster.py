@@ -32,7 +32,7 @@ from tests.queue_helpers import REQUESTS, wait_status
 T2I = "fal-ai/flux/srpo"
 
 
-def body(i: int, images: int = 1, steps: int = 30) -> dict[str, Any]:
+def body(i: int, images: int = 1, steps: int = 20) -> dict[str, Any]:
     # Long enough on the tiny model to be caught denoising; a prompt of its own per request.
     return {"prompt": f"cluster {i}", "seed": 300 + i, "num_images": images, "num_inference_steps": steps,
             "image_size": {"width": 1024, "height": 768}, "output_format": "png", "enable_safety_checker": False}
