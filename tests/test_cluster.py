@@ -28,6 +28,7 @@ from tests.conftest import CPU
 from tests.harness import tiny_env, wait_until
 from tests.pixels import assert_same_pixels, pixels
 from tests.queue_helpers import REQUESTS, wait_status
+from tests.test_fault_tolerance import logs_of
 
 T2I = "fal-ai/flux/srpo"
 
@@ -84,11 +85,6 @@ def _healthy(client: httpx.Client) -> bool:
         return client.get("/health").status_code == 200
     except httpx.TransportError:
         return False
-
-
-def logs_of(client: httpx.Client, request_id: str) -> list[str]:
-    response = client.get(f"{REQUESTS}/{request_id}/status", params={"logs": 1})
-    return [e["message"] for e in response.json().get("logs") or []] if response.status_code in (200, 202) else []
 
 
 def test_a_lost_gpu_node_loses_no_request(cluster, reference):
