@@ -29,6 +29,7 @@ from models.request import GenerationRequest, GenerationResult
 from scheduling.split import plan_split
 from server.app import build_app
 from server.service import FalInput, LogSink, SRPOService, no_log
+from server.telemetry import Telemetry
 from settings import get_settings
 
 # A replica process or its node went away, or Serve had no replica to take the call: the request can
@@ -44,8 +45,10 @@ class GraphBackend:
     straight from stage to stage through the object store; the final latents come back with the
     Denoiser's progress stream (small: ~0.8 MB for 1024x768) and are passed on to the Decoder."""
 
-    def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, decoder: DeploymentHandle) -> None:
+    def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, decoder: DeploymentHandle,
+                 telemetry: Telemetry) -> None:
         self.stages = {"text_encoder": text_encoder, "denoiser": denoiser, "decoder": decoder}
+        self.telemetry = telemetry
         self.on_the_way = 0  # requests in `generate` that no Denoiser has started yet
 
     def has_room(self) -> bool:
@@ -61,18 +64,29 @@ class GraphBackend:
         self, request: GenerationRequest, *, enable_safety_checker: bool, acceleration: str, log: LogSink = no_log
     ) -> GenerationResult:
         self.on_the_way += 1
-        started = False
+        left, arrived = False, time.perf_counter()
+        view = denoiser_view(self.stages["denoiser"].app_name)
+        # Scaled to zero: the call at the handle is what makes the autoscaler start a replica. Unknown
+        # before this process's first Denoiser call (no router yet): not reported then.
+        cold = view is not None and not view.curr_replicas
+
+        def leave() -> None:
+            nonlocal left
+            if not left:
+                left = True
+                self.on_the_way -= 1
 
         def on_start() -> None:
-            nonlocal started
-            if not started:
-                started = True
-                self.on_the_way -= 1
+            if cold and not left:
+                waited = time.perf_counter() - arrived
+                log(f"Cold start: waited {waited:.1f} s for a Denoiser replica to start")
+                self.telemetry.cold_start(waited)
+            leave()
 
         try:
             return await self._generate(request, enable_safety_checker, acceleration, log, on_start)
         finally:
-            on_start()
+            leave()
 
     async def _generate(self, request: GenerationRequest, enable_safety_checker: bool, acceleration: str,
                         log: LogSink, on_start: Callable[[], None]) -> GenerationResult:
@@ -186,8 +200,9 @@ class Ingress:
     def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, decoder: DeploymentHandle) -> None:
         configure_ingress_logs()
         self.settings = get_settings()
-        self.backend = GraphBackend(text_encoder, denoiser, decoder)
-        self.service = SRPOService(self.backend, self.settings, ServeTelemetry())
+        telemetry = ServeTelemetry()
+        self.backend = GraphBackend(text_encoder, denoiser, decoder, telemetry)
+        self.service = SRPOService(self.backend, self.settings, telemetry)
         self.health = GraphHealth(serve.get_replica_context().app_name)
 
     def __serve_build_asgi_app__(self):

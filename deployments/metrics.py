@@ -53,6 +53,9 @@ class ServeTelemetry(Telemetry):
             "srpo_request_retries", description="Request runs again: replica_failure (a stage died) or requeued "
             "(its ingress replica's lease ran out).", tag_keys=("reason",))
         self._images = Counter("srpo_images_generated", description="Images of successful requests.")
+        self._cold_start = Histogram(
+            "srpo_cold_start_seconds", description="Wait of a request that arrived with no Denoiser replica "
+            "running (scaled to zero) until one started it.", boundaries=REQUEST_BUCKETS_S)
         self._levels: dict[str, int] = {}  # running requests by mode
 
 
@@ -83,6 +86,9 @@ class ServeTelemetry(Telemetry):
     def images_generated(self, count: int) -> None:
         if count:
             self._images.inc(count)
+
+    def cold_start(self, seconds: float) -> None:
+        self._cold_start.observe(seconds)
 
 
 class StageMetrics:

@@ -5,10 +5,12 @@
 
 The GPU config's `applications` are copied as they are. An overlay may adapt them to its hardware
 in `serve-overrides.yaml`: a mapping from deployment name to a partial deployment config, merged
-key by key into that deployment (dicts merge, other values replace). The result goes into
+key by key into that deployment (dicts merge, other values replace), on top of the base's own
+`serve-overrides.yaml`. The result goes into
 `serve-config.generated.yaml` beside it, a patch that sets the RayService's serveConfigV2.
-`http_options` and `proxy_location` are dropped: KubeRay owns them (Serve on port 8000 of every
-Ray pod, a proxy per node).
+`http_options` are dropped: KubeRay owns them (Serve on port 8000 of every Ray pod).
+`proxy_location` is kept: HeadOnly, so the GPU pods (spot, preempted) never hold the HTTP entry
+and the head pod is the serve Service's endpoint (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -42,18 +44,24 @@ def _merge(into: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
 
 def serve_config(overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """serve_config.gpu.yaml's applications with `overrides` merged into the named deployments."""
-    applications = yaml.safe_load(SOURCE.read_text())["applications"]
+    source = yaml.safe_load(SOURCE.read_text())
+    applications = source["applications"]
     overrides = dict(overrides or {})
     for app in applications:
         app["deployments"] = [_merge(d, overrides.pop(d["name"], {})) for d in app["deployments"]]
     if overrides:
         raise ValueError(f"overrides name deployments the config does not have: {sorted(overrides)}")
-    return {"applications": applications}
+    return {"proxy_location": source["proxy_location"], "applications": applications}
 
 
 def serve_config_for(kustomization: Path) -> dict[str, Any]:
-    path = kustomization / OVERRIDES
-    return serve_config(yaml.safe_load(path.read_text()) if path.exists() else None)
+    """The config of a kustomization: the base's overrides, then its own on top."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for layer in dict.fromkeys([BASE, kustomization]):
+        path = layer / OVERRIDES
+        if path.exists():
+            overrides = _merge(overrides, yaml.safe_load(path.read_text()))
+    return serve_config(overrides)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -22,6 +22,7 @@ CRD_KINDS = {"RayService": "ray.io_rayservices.yaml"}  # its rayClusterConfig is
 # Kinds from operators whose schemas kubernetes-validate does not ship: apiVersion and kind are checked.
 OTHER_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 UPGRADE_TYPES = {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}  # KubeRay 1.7; the CRD has no enum
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node: pins a replica there
 Doc = dict[str, Any]
 
 
@@ -146,14 +147,15 @@ def _ray_resources(group: Doc) -> tuple[float, float]:
 
 
 def cluster_errors(rayservice: Doc) -> list[str]:
-    """KubeRay rules the CRD schema does not express, and this project's layout: a GPU-free head."""
+    """KubeRay rules the CRD schema does not express, and this project's layout: a GPU-free head that
+    holds the HTTP entry when the proxies run on the head only."""
     spec, cluster = rayservice["spec"], rayservice["spec"]["rayClusterConfig"]
     errors = []
     if (kind := spec.get("upgradeStrategy", {}).get("type", "NewCluster")) not in UPGRADE_TYPES:
         errors.append(f"upgradeStrategy.type {kind!r} is not one of {sorted(UPGRADE_TYPES)}")
     head = cluster["headGroupSpec"]
-    if head.get("rayStartParams", {}).get("num-cpus") != "0":
-        errors.append('head: rayStartParams num-cpus must be "0" (no replicas on the control plane)')
+    if serve_config(rayservice).get("proxy_location") == "HeadOnly" and spec.get("excludeHeadPodFromServeSvc"):
+        errors.append("proxy_location HeadOnly: the head pod runs the only proxy, so it must be in the serve Service")
     if _ray_resources(head)[1]:
         errors.append("head: must not request GPUs")
     for group in cluster.get("workerGroupSpecs", []):
@@ -171,12 +173,15 @@ def fit_errors(rayservice: Doc) -> list[str]:
     """Every Serve replica at max_replicas placed on the worker pods at maxReplicas, first fit decreasing.
 
     A replica needs its CPUs on one pod and its GPUs there too: whole GPUs for num_gpus >= 1, a share
-    of one GPU otherwise (Ray's fractional GPUs). Passing proves a placement exists.
+    of one GPU otherwise (Ray's fractional GPUs). A replica asking for the head's resource goes on the
+    head, every other one on a worker. Passing proves a placement exists.
     """
-    nodes = []
-    for group in rayservice["spec"]["rayClusterConfig"].get("workerGroupSpecs", []):
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    cpus, gpus = _ray_resources(cluster["headGroupSpec"])
+    nodes = [{"cpus": cpus, "gpus": [1.0] * int(gpus), "head": True}]
+    for group in cluster.get("workerGroupSpecs", []):
         cpus, gpus = _ray_resources(group)
-        nodes += [{"cpus": cpus, "gpus": [1.0] * int(gpus)} for _ in range(group["maxReplicas"])]
+        nodes += [{"cpus": cpus, "gpus": [1.0] * int(gpus), "head": False} for _ in range(group["maxReplicas"])]
     replicas = []
     for app in serve_config(rayservice)["applications"]:
         code = _deployments(app)
@@ -185,12 +190,14 @@ def fit_errors(rayservice: Doc) -> list[str]:
             options = config.get("ray_actor_options", deployment.ray_actor_options or {})
             count = (config.get("autoscaling_config") or {}).get("max_replicas", config.get("num_replicas"))
             count = count if isinstance(count, int) else deployment.num_replicas
-            need = (float(options.get("num_cpus", 1)), float(options.get("num_gpus", 0)))
+            need = (float(options.get("num_cpus", 1)), float(options.get("num_gpus", 0)),
+                    HEAD_RESOURCE in (options.get("resources") or {}))
             replicas += [(name, *need)] * count
     errors = []
-    for name, cpus, gpus in sorted(replicas, key=lambda r: (r[2], r[1]), reverse=True):
-        if not any(_place(node, cpus, gpus) for node in nodes):
-            errors.append(f"{name} replica ({cpus:g} CPU, {gpus:g} GPU) does not fit on the worker pods")
+    for name, cpus, gpus, on_head in sorted(replicas, key=lambda r: (r[2], r[1]), reverse=True):
+        if not any(node["head"] == on_head and _place(node, cpus, gpus) for node in nodes):
+            where = "the head pod" if on_head else "the worker pods"
+            errors.append(f"{name} replica ({cpus:g} CPU, {gpus:g} GPU) does not fit on {where}")
     return errors
 
 

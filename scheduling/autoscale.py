@@ -4,8 +4,10 @@ Counting requests misjudges a text-to-image server: a 4-image 1440x1440 request 
 of a 512x512 one. The rule counts seconds of estimated Denoiser work instead: what the replicas
 hold (their backlog, from the cost model) plus what waits in front of them (in Serve's routers and
 in the request store), each waiting request at the mean work of the requests admitted lately.
-Replicas wanted = that work / the backlog one replica should carry. Serve's autoscaler applies the
-bounds, the up/down delays and the scaling factors on top (deployments/autoscaling.py).
+Replicas wanted = that work / the backlog one replica should carry, and at least one while anything
+waits: with no replica running (scaled to zero) nothing reports the work of a request, and a waiting
+request needs a replica whatever its size. Serve's autoscaler applies the bounds, the up/down delays
+and the scaling factors on top (deployments/autoscaling.py).
 """
 
 from __future__ import annotations
@@ -28,4 +30,4 @@ def desired_replicas(work: WorkEstimate, target_backlog_s: float) -> float:
     """Replicas that carry `work` at `target_backlog_s` each (a fraction: Serve rounds up)."""
     if target_backlog_s <= 0:
         raise ValueError("target_backlog_s must be positive")
-    return work.total_s / target_backlog_s
+    return max(work.total_s / target_backlog_s, 1.0 if work.waiting > 0 else 0.0)

@@ -49,6 +49,10 @@ class Telemetry:
     def images_generated(self, count: int) -> None:
         """Images a successful request produced."""
 
+    def cold_start(self, seconds: float) -> None:
+        """A request arrived with no Denoiser replica running (scaled to zero) and waited `seconds`
+        for one to start it."""
+
 
 Middleware = Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]
 

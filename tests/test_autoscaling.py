@@ -55,6 +55,13 @@ def test_the_policy_counts_seconds_of_work_not_requests():
     assert policy(_context({}, queued=0))[0] == 0.0  # idle: Serve's bounds keep min_replicas
 
 
+def test_a_request_waiting_with_no_replica_running_asks_for_one():
+    """Scaled to zero no replica reports the work of a request: one waiting still needs a replica."""
+    policy = DenoiserWorkPolicy(target_backlog_s=10.0)
+    assert policy(_context({}, queued=1, replicas=0))[0] == 1.0
+    assert policy(_context({}, queued=0, replicas=0))[0] == 0.0
+
+
 def test_denoiser_scales_on_sync_load_and_on_a_backlog_in_the_request_store(tiny_root, tmp_path):
     args = {"deployment_options": {"Denoiser": {"autoscaling_config": FAST_AUTOSCALING}}}
     with running_serve(tiny_env(tiny_root, tmp_path), args) as base:

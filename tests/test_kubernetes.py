@@ -22,7 +22,8 @@ from settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 DEV, PROD, BASE, WEIGHTS = "overlays/dev-1gpu", "overlays/prod-multigpu", "base", "weights"
-SERVING = (DEV, PROD, BASE)  # kustomizations with a RayService and their own generated Serve config
+ZERO = "overlays/scale-to-zero"
+SERVING = (DEV, PROD, BASE, ZERO)  # kustomizations with a RayService and their own generated Serve config
 S3 = "overlays/prod-s3"  # prod with outputs on object storage
 Doc = dict[str, Any]
 
@@ -80,7 +81,7 @@ def test_serve_config_comes_from_serve_config_gpu_yaml(rendered, name):
 
 
 def test_generated_patches_are_current():
-    assert [K8S / n for n in (BASE, DEV, PROD)] == generator.targets()
+    assert [K8S / n for n in (BASE, DEV, PROD, ZERO)] == generator.targets()
     for kustomization in generator.targets():
         assert (kustomization / generator.GENERATED).read_text() == generator.render(kustomization), (
             "stale: run python -m k8s.render_serve_config"
@@ -112,6 +113,20 @@ def test_overlays_size_the_cluster_as_documented(rendered):
         assert options["version"] == "v2" and options["idleTimeoutSeconds"] > 0
         worker_spec = _worker(rayservice)["template"]["spec"]
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker_spec["tolerations"]
+
+
+def test_every_stage_on_a_gpu_goes_to_zero_with_the_gpu_pods_and_the_http_entry_stays(rendered):
+    """scale-to-zero: a GPU pod is only given back once nothing runs on it; the head (the proxy and
+    the Ingress, serve_config.gpu.yaml's HeadOnly) stays, so a request can arrive and wait."""
+    zero = _only(rendered[ZERO], "RayService")
+    (app,) = validate.serve_config(zero)["applications"]
+    on_gpus = [d for d in app["deployments"] if d.get("ray_actor_options", {}).get("num_gpus")]
+    assert on_gpus and all(d["autoscaling_config"]["min_replicas"] == 0 for d in on_gpus)
+    assert _worker(zero)["minReplicas"] == 0
+    assert validate.serve_config(zero)["proxy_location"] == "HeadOnly"
+    assert zero["spec"]["excludeHeadPodFromServeSvc"] is False
+    (ingress,) = [d for d in app["deployments"] if d["name"] == "Ingress"]
+    assert ingress["ray_actor_options"]["resources"] == {validate.HEAD_RESOURCE: 0.01}
 
 
 def test_app_environment_matches_settings_volumes_and_weights_job(rendered):
