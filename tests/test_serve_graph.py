@@ -13,14 +13,18 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
 from ray import serve
 
 from api.schemas import ImageToImageInput, TextToImageInput
+from deployments.ingress import GraphHealth
 from models.pipeline import SRPOPipeline
 from safety.tiny import write_tiny_safety_checker
+from server.app import build_app
 from server.images import encode_image
-from server.service import to_generation_request
+from server.service import InProcessBackend, SRPOService, to_generation_request
+from settings import get_settings
 from tests.conftest import CPU
 from tests.harness import APP_NAME, running_serve, tiny_env
 from tests.pixels import assert_same_pixels, pixels
@@ -191,6 +195,19 @@ def test_health_and_openapi(server):
     assert {T2I, I2I} <= set(spec["paths"])
     assert httpx.get(server + "/files/../../etc/passwd").status_code == 404
     assert httpx.get(server + "/files/" + "0" * 32 + ".png").status_code == 404
+
+
+def test_health_is_503_while_serve_does_not_list_the_application(server, reference, tmp_path):
+    """Readiness read from Serve's real status: an application it does not list (being deployed or
+    deleted) is not ready, and neither is one whose stages are listed but not all serving."""
+    settings = get_settings().model_copy(update={"storage_dir": tmp_path / "files",
+                                                 "queue_db_path": tmp_path / "requests.sqlite3"})
+    service = SRPOService(InProcessBackend(reference), settings)
+    with TestClient(build_app(service, GraphHealth("not-deployed"))) as client:
+        response = client.get("/health")
+        assert (response.status_code, response.json()) == (503, {"status": "starting", "stages": {}})
+    with TestClient(build_app(service, GraphHealth(APP_NAME))) as client:
+        assert client.get("/health").status_code == 200  # the same check on the running application
 
 
 @serve.deployment
