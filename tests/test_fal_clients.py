@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 from ray import serve
 
+from tests.gate import gate_server
 from tests.harness import APP_NAME, running_serve, tiny_env
 from tests.queue_helpers import (
     APP,
@@ -76,40 +77,17 @@ def http(server):
         yield client
 
 
-class _Gate(BaseHTTPRequestHandler):
-    """Answers a PNG only once the server's `opened` event is set."""
-
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        self.server.opened.wait(60)
-        buf = io.BytesIO()
-        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, "PNG")
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(buf.getvalue())))
-        self.end_headers()
-        self.wfile.write(buf.getvalue())
-
-    def log_message(self, *args):
-        return None
-
-
 @pytest.fixture
 def gate(http):
     """`hold()` submits a request that holds the one queue slot until `open()` (its image_url answers only
     then), so queued states last as long as a test needs them on any machine; the request id."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Gate)
-    server.opened = threading.Event()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with gate_server() as gate:
+        def hold() -> str:
+            request_id = http.post(f"/queue/{I2I}", json=gate.held_body()).json()["request_id"]
+            wait_status(http, request_id, lambda b: b["status"] == "IN_PROGRESS")
+            return request_id
 
-    def hold() -> str:
-        body = {"prompt": "held", "image_url": f"http://127.0.0.1:{server.server_address[1]}/source.png",
-                "strength": 0.5, "num_inference_steps": 10, "seed": 1}
-        request_id = http.post(f"/queue/{I2I}", json=body).json()["request_id"]
-        wait_status(http, request_id, lambda b: b["status"] == "IN_PROGRESS")
-        return request_id
-
-    yield SimpleNamespace(hold=hold, open=server.opened.set)
-    server.opened.set()
-    server.shutdown()
+        yield SimpleNamespace(hold=hold, open=gate.open)
 
 
 def _fetch_image(url: str) -> Image.Image:
