@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
@@ -148,12 +147,11 @@ def test_health_stays_ready_under_load_and_a_failing_check_replaces_the_replica(
         queued = [client.post(f"/queue/{T2I}", json=body(stage, i, steps=30)).json()["request_id"]
                   for i in range(8)]
         wait_status(client, queued[0], lambda b: len(step_logs(b)) >= 1)
-        for _ in range(10):  # saturated Denoiser: readiness comes from Serve, not from a queued call
-            began = time.monotonic()
+        for _ in range(3):  # saturated Denoiser: readiness comes from Serve, not from a queued call
             assert client.get("/health").status_code == 200
             assert client.get("/livez").json() == {"status": "alive"}
-            # Never queued behind the 8 denoising requests (seconds each); a generous bound for a loaded CI machine.
-            assert time.monotonic() - began < 5.0
+            # Answered while the load still runs: never queued behind it (whatever the machine's speed).
+            assert wait_status(client, queued[-1], lambda b: True)["status"] != "COMPLETED"
         (before,) = replica_names("Denoiser")
         serve.get_deployment_handle("Denoiser", APP_NAME).inject_fault.remote("chaos test").result()
         outputs = []
