@@ -29,6 +29,9 @@ from tests.queue_helpers import REQUESTS, step_logs, wait_status
 T2I = "fal-ai/flux/srpo"
 STAGES = ("Denoiser", "TextEncoder", "Decoder")
 FAST_HEALTH = {"health_check_period_s": 1, "health_check_timeout_s": 10}
+# The TextEncoder's and Decoder's calls wait this long inside the replica for a batch (sizes above any
+# test's load), so a kill made once a request has reached the stage lands while its call is in flight.
+STAGE_BATCH = {"text_batch_size": 64, "text_batch_wait_s": 1.5, "decode_batch_size": 64, "decode_batch_wait_s": 1.5}
 
 
 def body(stage: str, i: int, steps: int | None = None) -> dict[str, Any]:
@@ -54,7 +57,7 @@ def server(tiny_root, tmp_path_factory) -> Iterator[str]:
     env = tiny_env(tiny_root, tmp_path_factory.mktemp("chaos"), SRPO_FAULT_INJECTION="true",
                    SRPO_QUEUE_CONCURRENCY="8")
     options = {name: FAST_HEALTH for name in STAGES}
-    with running_serve(env, {"deployment_options": options}) as base:
+    with running_serve(env, {"deployment_options": options} | STAGE_BATCH) as base:
         yield base
 
 
@@ -113,15 +116,16 @@ def test_sigkill_of_a_stage_replica_loses_no_request(server, reference, stage):
                 return any(done and max(done) <= 25 for done in steps)
 
             wait_until(denoising, 60, "a queued request to be denoising")
-        elif stage == "Decoder":  # while it decodes
-            wait_until(lambda: any("Decoding" in " ".join(logs_of(client, q)) for q in queued), 60, "decoding")
+        else:  # while its call waits in the replica for a batch (STAGE_BATCH)
+            sign = "Encoding the prompt" if stage == "TextEncoder" else "Decoding"
+            wait_until(lambda: any(sign in logs_of(client, q) for q in queued), 60, f"a call to the {stage}")
         killed.append(sigkill(stage))
 
     outputs, queued_logs = run_disturbed(server, stage, kill)
     assert_undisturbed_pixels(server, reference, stage, outputs)
     wait_until(lambda: replica_names(stage) and replica_names(stage) != killed, 60, f"a new {stage} replica")
-    if stage == "Denoiser":  # the denoising requests were running on it: they ran again
-        assert any(any(m.startswith("Retrying: a model replica stopped") for m in logs) for logs in queued_logs)
+    # The requests whose call was in flight on it ran again.
+    assert any(any(m.startswith("Retrying: a model replica stopped") for m in logs) for logs in queued_logs)
 
 
 def test_no_retry_header_fails_instead_of_running_again(server):
