@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
@@ -28,6 +29,7 @@ from tests.queue_helpers import REQUESTS, step_logs, wait_status
 
 T2I = "fal-ai/flux/srpo"
 STAGES = ("Denoiser", "TextEncoder", "Decoder")
+MAX_ATTEMPTS = 2  # every test kills once; one test kills twice to use them up
 FAST_HEALTH = {"health_check_period_s": 1, "health_check_timeout_s": 10}
 # The TextEncoder's and Decoder's calls wait this long inside the replica for a batch (sizes above any
 # test's load), so a kill made once a request has reached the stage lands while its call is in flight.
@@ -55,7 +57,7 @@ def expected(reference: SRPOPipeline, fields: dict[str, Any]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def server(tiny_root, tmp_path_factory) -> Iterator[str]:
     env = tiny_env(tiny_root, tmp_path_factory.mktemp("chaos"), SRPO_FAULT_INJECTION="true",
-                   SRPO_QUEUE_CONCURRENCY="8")
+                   SRPO_QUEUE_CONCURRENCY="8", SRPO_RETRY_MAX_ATTEMPTS=str(MAX_ATTEMPTS))
     options = {name: FAST_HEALTH for name in STAGES}
     with running_serve(env, {"deployment_options": options} | STAGE_BATCH) as base:
         yield base
@@ -126,6 +128,31 @@ def test_sigkill_of_a_stage_replica_loses_no_request(server, reference, stage):
     wait_until(lambda: replica_names(stage) and replica_names(stage) != killed, 60, f"a new {stage} replica")
     # The requests whose call was in flight on it ran again.
     assert any(any(m.startswith("Retrying: a model replica stopped") for m in logs) for logs in queued_logs)
+
+
+def test_a_request_whose_every_attempt_loses_its_replica_fails_503(server):
+    """SRPO_RETRY_MAX_ATTEMPTS runs, each with its TextEncoder call in flight on a replica that is then
+    killed: the request ends 503 runner_disconnected instead of running a third time."""
+    with httpx.Client(base_url=server, timeout=120) as client:
+        request_id = client.post(f"/queue/{T2I}", json=body("exhausted", 0)).json()["request_id"]
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            wait_until(lambda: logs_of(client, request_id).count("Encoding the prompt") == attempt, 120,
+                       f"attempt {attempt} to reach the TextEncoder")
+            wait_until(lambda: _serving("TextEncoder"), 120, "a TextEncoder replica serving")
+            # The waiting call reaches a new replica soon after it serves, then waits there for its batch
+            # (1.5 s): nothing shows its arrival, so kill a third of the way into that window.
+            time.sleep(0.5)
+            sigkill("TextEncoder")
+        status = wait_status(client, request_id, lambda b: b["status"] == "COMPLETED", timeout_s=120)
+        assert status["error_type"] == "runner_disconnected", status
+        assert f"after {MAX_ATTEMPTS} attempts" in status["error"]
+        assert client.get(f"{REQUESTS}/{request_id}").status_code == 503
+        assert logs_of(client, request_id).count("Encoding the prompt") == MAX_ATTEMPTS
+
+
+def _serving(stage: str) -> bool:
+    app = serve.status().applications[APP_NAME]
+    return len(replica_names(stage)) == 1 and app.deployments[stage].status == "HEALTHY"
 
 
 def test_no_retry_header_fails_instead_of_running_again(server):
