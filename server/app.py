@@ -171,8 +171,11 @@ def build_app(
 
     @app.get("/health", summary="Readiness: every stage of the graph has replicas serving")
     async def health() -> JSONResponse:
-        stages = await stage_health() if stage_health is not None else {}
-        ready = all(stages.values())
+        if stage_health is None:  # no graph: the in-process backend answers when the app does
+            stages, ready = {}, True
+        else:  # no stage listed (Serve's status lacks the application) is not ready either
+            stages = await stage_health()
+            ready = bool(stages) and all(stages.values())
         return JSONResponse({"status": "ok" if ready else "starting", "stages": stages}, status_code=200 if ready else 503)
 
     @app.get("/livez", summary="Liveness: this process answers (for a probe that restarts it)")

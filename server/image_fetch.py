@@ -13,7 +13,7 @@ from urllib.parse import unquote_to_bytes
 import httpx
 
 from server.images import ImageLoadError
-from server.outbound import FetchError, guarded_get, limited_chunks
+from server.outbound import FetchError, describe_failure, guarded_get, limited_chunks
 
 # The settings behind the limits, named in the messages so a user knows what to change.
 MAX_BYTES_SETTING = "SRPO_IMAGE_FETCH_MAX_BYTES"
@@ -51,4 +51,4 @@ async def fetch_image_bytes(url: str, *, max_bytes: int, timeout_s: float, allow
     except TimeoutError as exc:
         raise ImageLoadError(f"timed out after {timeout_s} s (SRPO_IMAGE_FETCH_TIMEOUT_S)") from exc
     except httpx.HTTPError as exc:
-        raise ImageLoadError(f"connection failed ({type(exc).__name__})") from exc
+        raise ImageLoadError(describe_failure(exc)) from exc

@@ -32,7 +32,7 @@ from filelock import FileLock
 from api.schemas import LoraWeight
 from models.request import LoraRef
 from server.errors import InputError, ServiceError
-from server.outbound import FetchError, guarded_get, limited_chunks
+from server.outbound import FetchError, describe_failure, guarded_get, limited_chunks
 from settings import Settings
 
 HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+\.safetensors)?$")
@@ -207,7 +207,7 @@ class LoraSources:
         except FetchError as exc:
             raise lora_error(url, str(exc)) from exc
         except httpx.HTTPError as exc:
-            raise lora_error(url, f"connection failed ({type(exc).__name__}: {exc})") from exc
+            raise lora_error(url, describe_failure(exc)) from exc
 
     def _copy_fsspec(self, url: str, partial: Path) -> None:
         try:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -69,6 +70,17 @@ class Destination:
             "headers": {"Host": host_header},
             "extensions": {"sni_hostname": self.host},  # TLS: SNI and certificate check use the name
         }
+
+
+def describe_failure(exc: BaseException) -> str:
+    """Why a request to a checked destination failed, safe to return to the client: a certificate that
+    does not verify says so (the usual mistake with https), anything else names the error's kind."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"TLS certificate verification failed ({seen.verify_message})"
+        seen = seen.__cause__ or seen.__context__
+    return f"connection failed ({type(exc).__name__})"
 
 
 async def check_destination(url: str, allowed_networks: list[str], setting: str) -> Destination:

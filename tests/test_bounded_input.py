@@ -48,7 +48,8 @@ def app(tiny_model_dir, tiny_safety_dir, tmp_path_factory):
     # A small pixel cap keeps the valid bodies the fuzzer finds quick to generate on a CPU.
     settings = get_settings().model_copy(update={"storage_dir": state / "files", "max_pixels": 64 * 64,
                                                  "queue_db_path": state / "requests.sqlite3",
-                                                 "max_body_bytes": 64 * 1024})
+                                                 "max_body_bytes": 64 * 1024,
+                                                 "image_max_source_pixels": 128 * 128})
     return build_app(SRPOService(InProcessBackend(pipeline), settings))
 
 
@@ -145,7 +146,9 @@ def test_public_addresses_are_reached(address):
 
 
 class _Recorder(BaseHTTPRequestHandler):
-    """Serves a PNG at /img.png, redirects /hop to the `location` class attribute; records every hit."""
+    """Serves a PNG at /img.png, redirects /hop to the server's `location`, sends 5000 bytes at /big (with
+    their length) and /big-unsized (without: the end is the connection's), answers /stall only once the
+    server's `release` is set; records every hit."""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         self.server.hits.append((self.path, self.headers["Host"]))
@@ -153,6 +156,16 @@ class _Recorder(BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", self.server.location)
             self.end_headers()
+            return
+        if self.path == "/stall":
+            self.server.release.wait(10)
+            return
+        if self.path.startswith("/big"):
+            self.send_response(200)
+            if self.path == "/big":
+                self.send_header("Content-Length", "5000")
+            self.end_headers()
+            self.wfile.write(b"x" * 5000)
             return
         buf = io.BytesIO()
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, "PNG")
@@ -172,11 +185,12 @@ def servers() -> Iterator[dict[str, ThreadingHTTPServer]]:
     found = {}
     for ip in ("127.0.0.1", "127.0.0.2"):
         server = ThreadingHTTPServer((ip, port), _Recorder)
-        server.hits, server.location = [], ""
+        server.hits, server.location, server.release = [], "", threading.Event()
         threading.Thread(target=server.serve_forever, daemon=True).start()
         found[ip] = server
     yield found
     for server in found.values():
+        server.release.set()
         server.shutdown()
         server.server_close()
 
@@ -224,6 +238,43 @@ def test_a_redirect_to_a_refused_host_is_refused_unconnected(servers):
         _fetch(f"http://127.0.0.1:{port}/hop", ["127.0.0.1/32"])
     assert servers["127.0.0.1"].hits == [("/hop", f"127.0.0.1:{port}")]
     assert servers["127.0.0.2"].hits == []
+
+
+@pytest.mark.parametrize("path", ["/big", "/big-unsized"])
+def test_a_source_over_the_byte_cap_is_refused(servers, path):
+    port = servers["127.0.0.1"].server_address[1]
+    with pytest.raises(ImageLoadError, match=r"larger than 1000 bytes \(SRPO_IMAGE_FETCH_MAX_BYTES\)"):
+        asyncio.run(fetch_image_bytes(f"http://127.0.0.1:{port}{path}", max_bytes=1000, timeout_s=5,
+                                      allowed_networks=["127.0.0.1/32"]))
+
+
+def test_a_source_that_never_answers_times_out(servers):
+    port = servers["127.0.0.1"].server_address[1]
+    began = time.monotonic()
+    with pytest.raises(ImageLoadError, match=r"timed out after 0.5 s \(SRPO_IMAGE_FETCH_TIMEOUT_S\)"):
+        asyncio.run(fetch_image_bytes(f"http://127.0.0.1:{port}/stall", max_bytes=1000, timeout_s=0.5,
+                                      allowed_networks=["127.0.0.1/32"]))
+    assert time.monotonic() - began < 5  # given up, long before the server would answer (10 s)
+    assert servers["127.0.0.1"].hits == [("/stall", f"127.0.0.1:{port}")]
+
+
+def test_redirects_are_followed_a_bounded_number_of_times(servers):
+    port = servers["127.0.0.1"].server_address[1]
+    servers["127.0.0.1"].location = "/hop"  # a loop
+    with pytest.raises(ImageLoadError, match="too many redirects"):
+        _fetch(f"http://127.0.0.1:{port}/hop", ["127.0.0.1/32"])
+    assert len(servers["127.0.0.1"].hits) == 4  # the URL and 3 redirects
+    servers["127.0.0.1"].location = "/img.png"  # within the limit: followed
+    assert Image.open(io.BytesIO(_fetch(f"http://127.0.0.1:{port}/hop", ["127.0.0.1/32"]))).size == (8, 8)
+
+
+def test_a_source_over_the_pixel_cap_is_refused_before_decoding(client):
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((100, 200, 3), np.uint8)).save(buf, "PNG")  # 20 000 pixels, a few hundred bytes
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    response = client.post(I2I, json={"prompt": "x", "image_url": uri, "num_inference_steps": 10, "sync_mode": True})
+    _assert_contract_error(response, 422)
+    assert "200x100, more than 16384 pixels (SRPO_IMAGE_MAX_SOURCE_PIXELS)" in response.json()["detail"]
 
 
 def test_refused_image_urls_and_webhooks_name_their_setting(client):

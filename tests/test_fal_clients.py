@@ -16,6 +16,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import fal_client
 import httpx
@@ -24,6 +25,7 @@ import pytest
 from PIL import Image
 from ray import serve
 
+from tests.gate import gate_server
 from tests.harness import APP_NAME, running_serve, tiny_env
 from tests.queue_helpers import (
     APP,
@@ -52,6 +54,8 @@ def server(tiny_root, tmp_path_factory):
         SRPO_QUEUE_LEASE_S="3",
         SRPO_WEBHOOK_ALLOWED_NETWORKS='["127.0.0.0/8"]',
         SRPO_WEBHOOK_ATTEMPTS="3",
+        SRPO_IMAGE_URL_ALLOWED_NETWORKS='["127.0.0.1/32"]',  # the gate below
+        SRPO_IMAGE_FETCH_TIMEOUT_S="60",
     )
     args = {"text_batch_wait_s": 0.0, "decode_batch_wait_s": 0.0}
     with running_serve(env, args, secrets={"SRPO_API_KEYS": json.dumps([KEY])}) as base:
@@ -73,6 +77,19 @@ def http(server):
         yield client
 
 
+@pytest.fixture
+def gate(http):
+    """`hold()` submits a request that holds the one queue slot until `open()` (its image_url answers only
+    then), so queued states last as long as a test needs them on any machine; the request id."""
+    with gate_server() as gate:
+        def hold() -> str:
+            request_id = http.post(f"/queue/{I2I}", json=gate.held_body()).json()["request_id"]
+            wait_status(http, request_id, lambda b: b["status"] == "IN_PROGRESS")
+            return request_id
+
+        yield SimpleNamespace(hold=hold, open=gate.open)
+
+
 def _fetch_image(url: str) -> Image.Image:
     response = httpx.get(url, timeout=10)  # files need no key: their names are unguessable
     assert response.status_code == 200
@@ -91,13 +108,17 @@ def test_run_both_endpoints(fal):
     assert _fetch_image(out["images"][0]["url"]).size == (320, 192)
 
 
-def test_subscribe_reports_queue_position_step_logs_and_completion(fal, http):
-    blocker = fal.submit(APP, arguments=slow(steps=20, side=768))
-    wait_status(http, blocker.request_id, lambda b: b["status"] != "IN_QUEUE")  # it holds the one slot
+def test_subscribe_reports_queue_position_step_logs_and_completion(fal, http, gate):
+    blocker = gate.hold()
     updates = []
+
+    def on_update(update) -> None:
+        updates.append(update)
+        gate.open()  # the client has seen it queued
+
     # Big enough that it is IN_PROGRESS across several of the client's 0.1 s polls.
     result = fal.subscribe(APP, arguments=small(num_inference_steps=8, image_size="square_hd"), with_logs=True,
-                           on_queue_update=updates.append)
+                           on_queue_update=on_update)
     assert len(result["images"]) == 1
     kinds = [type(u).__name__ for u in updates]
     assert kinds[0] == "Queued" and updates[0].position == 0, kinds
@@ -109,7 +130,7 @@ def test_subscribe_reports_queue_position_step_logs_and_completion(fal, http):
         assert stage in messages
     assert {"level", "source", "timestamp"} <= completed.logs[0].keys()
     assert completed.metrics["inference_time"] > 0
-    assert fal.result(APP, blocker.request_id)["seed"] == 1
+    assert fal.result(I2I, blocker)["seed"] == 1
 
 
 def test_submit_then_status_result_and_cancel_by_id(fal):
@@ -129,10 +150,9 @@ def test_submit_then_status_result_and_cancel_by_id(fal):
     assert err.value.status_code == 404
 
 
-def test_cancelling_a_queued_request_does_no_model_work(fal, http):
+def test_cancelling_a_queued_request_does_no_model_work(fal, http, gate):
     before = denoised_samples()
-    blocker = fal.submit(APP, arguments=slow(steps=30, side=768))  # busy for about a second
-    wait_status(http, blocker.request_id, lambda b: b["status"] != "IN_QUEUE")
+    blocker = gate.hold()
     victim = fal.submit(APP, arguments=small(num_inference_steps=8))
     assert type(fal.status(APP, victim.request_id)).__name__ == "Queued"
     fal.cancel(APP, victim.request_id)
@@ -141,8 +161,9 @@ def test_cancelling_a_queued_request_does_no_model_work(fal, http):
     with pytest.raises(fal_client.FalClientHTTPError) as err:
         fal.result(APP, victim.request_id)
     assert err.value.status_code == 400 and "cancelled" in str(err.value)
-    fal.result(APP, blocker.request_id)
-    assert denoised_samples() - before == 30  # the blocker's steps only
+    gate.open()
+    done = wait_status(http, blocker, lambda b: b["status"] == "COMPLETED")
+    assert denoised_samples() - before == len(step_logs(done)) > 0  # the blocker's steps only
 
 
 def test_cancelling_a_running_request_stops_it_at_the_next_step(fal, http):
@@ -246,7 +267,9 @@ def test_a_failing_webhook_receiver_never_affects_the_result(fal, receiver):
     deadline = time.monotonic() + 15
     while len(handler.bodies) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert len(handler.bodies) == 3  # every attempt, then it gives up
+    assert len(handler.bodies) == 3  # every attempt (backing off 1 s, then 2 s)...
+    time.sleep(4.5)  # ...then no 4th, which would have come 4 s after the 3rd: nothing to wait for but time
+    assert len(handler.bodies) == 3
     assert fal.result(APP, handle.request_id)["seed"] == 12
 
 
@@ -289,9 +312,8 @@ def test_a_webhook_into_a_private_network_is_refused_at_submit(http):
     assert response.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
 
 
-def test_a_full_queue_answers_429_and_enqueues_nothing(http):
-    blocker = http.post(f"/queue/{APP}", json=slow(steps=20, side=512)).json()["request_id"]
-    wait_status(http, blocker, lambda b: b["status"] != "IN_QUEUE")
+def test_a_full_queue_answers_429_and_enqueues_nothing(http, gate):
+    gate.hold()
     queued = [http.post(f"/queue/{APP}", json=small(seed=s)).json() for s in range(MAX_PENDING)]
     assert [q["queue_position"] for q in queued] == list(range(MAX_PENDING))
     refused = http.post(f"/queue/{APP}", json=small())
@@ -299,6 +321,7 @@ def test_a_full_queue_answers_429_and_enqueues_nothing(http):
     assert refused.headers["content-type"] == "application/json"
     last = http.get(f"{REQUESTS}/{queued[-1]['request_id']}/status").json()
     assert last["queue_position"] == MAX_PENDING - 1  # nothing was added behind it
+    gate.open()
     for q in queued:
         wait_status(http, q["request_id"], lambda b: b["status"] == "COMPLETED")
 
@@ -347,25 +370,25 @@ def test_records_survive_killing_the_ingress_replica(http):
     assert_records_survive_ingress_kill(http)
 
 
-def test_start_timeout_is_a_504_the_client_does_not_retry(fal, http):
-    blocker = http.post(f"/queue/{APP}", json=slow()).json()["request_id"]
-    wait_status(http, blocker, lambda b: b["status"] != "IN_QUEUE")  # the one slot is taken
+def test_start_timeout_is_a_504_the_client_does_not_retry(fal, http, gate):
+    blocker = gate.hold()
     with pytest.raises(fal_client.client.FalClientHTTPError) as err:
         fal.subscribe(APP, arguments=small(seed=21), start_timeout=1.5)
     assert err.value.status_code == 504, err.value
     assert err.value.response.headers["x-fal-request-timeout-type"] == "user"
     assert err.value.response.headers["x-fal-error-type"] == "request_timeout"
+    gate.open()
     wait_status(http, blocker, lambda b: b["status"] == "COMPLETED")
 
 
-def test_low_priority_requests_are_overtaken_by_normal_ones(fal, http):
-    blocker = fal.submit(APP, arguments=slow(steps=20, side=512), hint="gpu-pool-a")  # a hint never blocks
-    wait_status(http, blocker.request_id, lambda b: b["status"] != "IN_QUEUE")
+def test_low_priority_requests_are_overtaken_by_normal_ones(fal, http, gate):
+    gate.hold()
     low = [fal.submit(APP, arguments=small(seed=30 + i), priority="low") for i in range(2)]
-    normal = fal.submit(APP, arguments=small(seed=40), priority="normal")
+    normal = fal.submit(APP, arguments=small(seed=40), priority="normal", hint="gpu-pool-a")  # a hint never blocks
     positions = {h.request_id: http.get(f"{REQUESTS}/{h.request_id}/status").json()["queue_position"]
                  for h in (*low, normal)}
     assert [positions[h.request_id] for h in (normal, *low)] == [0, 1, 2], positions
+    gate.open()
 
     def started(handle) -> float:
         body = wait_status(http, handle.request_id, lambda b: b["status"] == "COMPLETED")
@@ -375,9 +398,8 @@ def test_low_priority_requests_are_overtaken_by_normal_ones(fal, http):
     assert [h.request_id for h in order] == [normal.request_id, low[0].request_id, low[1].request_id]
 
 
-def test_fal_max_queue_length_refuses_a_submit_behind_that_many(http):
-    blocker = http.post(f"/queue/{APP}", json=slow(steps=20, side=512)).json()["request_id"]
-    wait_status(http, blocker, lambda b: b["status"] != "IN_QUEUE")
+def test_fal_max_queue_length_refuses_a_submit_behind_that_many(http, gate):
+    gate.hold()
     waiting = http.post(f"/queue/{APP}", json=small(seed=50), params={"fal_max_queue_length": 1}).json()
     assert waiting["queue_position"] == 0
     refused = http.post(f"/queue/{APP}", json=small(seed=51), params={"fal_max_queue_length": 1})
@@ -386,6 +408,7 @@ def test_fal_max_queue_length_refuses_a_submit_behind_that_many(http):
     bad = http.post(f"/queue/{APP}", json=small(), params={"fal_max_queue_length": -1})
     assert bad.status_code == 422 and bad.headers["x-fal-error-type"] == "input_error"
     assert bad.json()["error_type"] == "input_error" and bad.json()["detail"][0]["loc"][-1] == "fal_max_queue_length"
+    gate.open()
     wait_status(http, waiting["request_id"], lambda b: b["status"] == "COMPLETED")
 
 

@@ -26,7 +26,7 @@ from tests import loras
 from tests.conftest import CPU
 from tests.harness import denoiser_stats, running_serve, tiny_env, wait_until
 from tests.pixels import assert_same_pixels, pixels
-from tests.test_fal_tls_redis import _write_private_ca_and_server_cert
+from tests.certs import write_private_ca_and_server_cert
 from tests.test_storage import BUCKET, s3  # noqa: F401  (moto's S3 server fixture)
 
 T2I = "/fal-ai/flux/srpo"
@@ -61,7 +61,7 @@ def https_root(tmp_path_factory, files):
     """A TLS file server on 127.0.0.1 with a certificate from a test CA (the replicas trust it through
     SSL_CERT_FILE, as an operator would configure a private CA)."""
     folder = tmp_path_factory.mktemp("https")
-    ca, cert, key = _write_private_ca_and_server_cert(tmp_path_factory.mktemp("tls"))
+    ca, cert, key = write_private_ca_and_server_cert(tmp_path_factory.mktemp("tls"))
     shutil.copy(files["kohya"], folder / "kohya.safetensors")
 
     class Quiet(http.server.SimpleHTTPRequestHandler):

@@ -12,6 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
+from server.images import data_uri
 from tests.harness import running_serve, tiny_env
 from tests.pixels import assert_same_pixels, pixels
 
@@ -56,14 +57,27 @@ def test_generate_b64_and_url_give_the_fal_routes_pixels(client, server):
     assert_same_pixels(_png(fetched.content), got[0])  # n=1 against a sample of an n=2 forward: rounding only
 
 
-def test_edit_uploads_an_image(client):
+def test_edit_gives_the_fal_routes_pixels_for_the_resized_upload(client, server):
+    photo = Image.fromarray((np.random.RandomState(0).rand(100, 150, 3) * 255).astype(np.uint8))
     source = io.BytesIO()
-    Image.fromarray((np.random.RandomState(0).rand(100, 150, 3) * 255).astype(np.uint8)).save(source, "PNG")
+    photo.save(source, "PNG")
     source.seek(0)
     edited = client.images.edit(image=("source.png", source, "image/png"), prompt="as a watercolour",
                                 size="128x96", response_format="b64_json",
                                 extra_body={"strength": 0.5, "num_inference_steps": 10, "seed": 2})
-    assert _png(base64.b64decode(edited.data[0].b64_json)).shape == (96, 128, 3)
+    got = _png(base64.b64decode(edited.data[0].b64_json))
+    assert got.shape == (96, 128, 3)
+
+    resized = io.BytesIO()  # the README: an edit resizes the upload to `size` first
+    photo.resize((128, 96), Image.Resampling.LANCZOS).save(resized, "PNG")
+    fal = httpx.post(f"{server}/fal-ai/flux/srpo/image-to-image", headers={"Authorization": f"Key {KEY}"},
+                     timeout=120, json={"prompt": "as a watercolour", "image_url": data_uri(resized.getvalue(),
+                                                                                            "image/png"),
+                                        "strength": 0.5, "num_inference_steps": 10, "seed": 2,
+                                        "output_format": "png", "sync_mode": True})
+    assert fal.status_code == 200, fal.text
+    with httpx.Client() as http:
+        assert np.array_equal(got, pixels(fal.json()["images"][0]["url"], http))
 
     with pytest.raises(openai.BadRequestError) as err:
         client.images.edit(image=("notes.txt", io.BytesIO(b"not an image"), "text/plain"), prompt="x")

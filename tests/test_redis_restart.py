@@ -15,14 +15,15 @@ import httpx
 import redis
 
 from tests.harness import free_port, running_serve, tiny_env, wait_until
-from tests.queue_helpers import REQUESTS, step_logs, wait_status
+from tests.queue_helpers import REQUESTS, denoised_samples, step_logs, wait_status
 
 T2I = "fal-ai/flux/srpo"
+STEPS = 20
 
 
 def body(i: int) -> dict[str, Any]:
     return {"prompt": f"redis restart {i}", "seed": i, "image_size": {"width": 256, "height": 256},
-            "num_inference_steps": 20}
+            "num_inference_steps": STEPS}
 
 
 class _Webhooks(BaseHTTPRequestHandler):
@@ -66,6 +67,7 @@ def test_a_restarted_redis_loses_no_request_and_runs_none_twice(tiny_root, tmp_p
                    SRPO_WEBHOOK_ALLOWED_NETWORKS='["127.0.0.1/32"]', SRPO_QUEUE_CONCURRENCY="2")
     try:
         with running_serve(env) as base, httpx.Client(base_url=base, timeout=60) as client:
+            before = denoised_samples()
             ids = [client.post(f"/queue/{T2I}", params={"fal_webhook": webhook},
                                json=body(i)).json()["request_id"] for i in range(6)]
             wait_status(client, ids[0], lambda b: len(step_logs(b)) >= 1)
@@ -80,6 +82,7 @@ def test_a_restarted_redis_loses_no_request_and_runs_none_twice(tiny_root, tmp_p
             wait_until(lambda: len(_Webhooks.received) >= len(ids), 30, "every webhook")
             delivered = [hook["request_id"] for hook in _Webhooks.received]
             assert sorted(delivered) == sorted(ids), delivered  # each completed exactly once
+            assert denoised_samples() - before == len(ids) * STEPS  # and each was denoised once
     finally:
         hooks.shutdown()
         redis_server.terminate()

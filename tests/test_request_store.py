@@ -6,8 +6,10 @@ Two store objects over the same file / server stand for two ingress replicas.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -190,3 +192,58 @@ def test_low_priority_waits_for_normal_requests_but_never_starves(make_store):
         assert await store.pending() == 0
 
     run(scenario())
+
+
+REPLICAS = 6
+
+
+def _at_once(work) -> list:
+    """`work(i)` for each of REPLICAS replicas, in threads released together, each with its own event loop
+    (as replicas are), the results in replica order."""
+    gate = threading.Barrier(REPLICAS)
+
+    def replica(i: int):
+        gate.wait(timeout=30)
+        return asyncio.run(work(i))
+
+    with ThreadPoolExecutor(REPLICAS) as pool:
+        return list(pool.map(replica, range(REPLICAS)))
+
+
+def test_concurrent_claims_take_each_request_exactly_once(make_store):
+    first = make_store()
+    requests = [_new() for _ in range(60)]
+    stores = [make_store() for _ in range(REPLICAS)]
+
+    async def enqueue_all() -> None:
+        for request in requests:
+            assert await first.enqueue(request, 100) is not None
+
+    run(enqueue_all())
+
+    async def drain(i: int) -> list[str]:
+        claimed = []
+        try:
+            while (record := await stores[i].claim(f"replica-{i}", 60)) is not None:
+                assert record.status == "IN_PROGRESS" and record.attempts == 1, record
+                claimed.append(record.id)
+        finally:
+            await stores[i].close()
+        return claimed
+
+    claimed = [request_id for replica in _at_once(drain) for request_id in replica]
+    assert sorted(claimed) == sorted(r.id for r in requests)  # none twice, none left behind
+
+
+def test_concurrent_enqueues_fill_the_queue_exactly_to_its_limit(make_store):
+    stores = [make_store() for _ in range(REPLICAS)]
+
+    async def submit(i: int) -> list[bool]:
+        try:
+            return [await stores[i].enqueue(_new(), max_pending=25) is not None for _ in range(10)]
+        finally:
+            await stores[i].close()
+
+    accepted = sum(ok for replica in _at_once(submit) for ok in replica)
+    assert accepted == 25
+    assert run(make_store().pending()) == 25

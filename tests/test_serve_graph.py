@@ -13,14 +13,18 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
 from ray import serve
 
 from api.schemas import ImageToImageInput, TextToImageInput
+from deployments.ingress import GraphHealth
 from models.pipeline import SRPOPipeline
 from safety.tiny import write_tiny_safety_checker
+from server.app import build_app
 from server.images import encode_image
-from server.service import to_generation_request
+from server.service import InProcessBackend, SRPOService, to_generation_request
+from settings import get_settings
 from tests.conftest import CPU
 from tests.harness import APP_NAME, running_serve, tiny_env
 from tests.pixels import assert_same_pixels, pixels
@@ -168,9 +172,11 @@ def _closed_port() -> int:
 
 def test_sixteen_concurrent_mixed_requests_are_all_correct_and_batched(server, reference):
     sizes = [{"width": 256, "height": 256}, {"width": 320, "height": 192}, {"width": 192, "height": 320}]
+    # One image per request: a forward of several samples can only come from requests sharing it.
     bodies = [{"prompt": f"scene number {i}", "seed": 2000 + i, "image_size": sizes[i % 3],
-               "num_inference_steps": 2 + i % 3, "num_images": 1 + i % 2, "output_format": "png",
+               "num_inference_steps": 2 + i % 3, "num_images": 1, "output_format": "png",
                "sync_mode": True, "enable_safety_checker": False} for i in range(16)]
+    before = _batch_sizes()
     with httpx.Client(timeout=300) as client, ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda b: client.post(server + T2I, json=b), bodies))
         for body, response in zip(bodies, responses):
@@ -178,10 +184,15 @@ def test_sixteen_concurrent_mixed_requests_are_all_correct_and_batched(server, r
             images = response.json()["images"]
             for image, want in zip(images, _expected(reference, body)):
                 assert_same_pixels(pixels(image["url"], client), want)
-    stats = {name: serve.get_deployment_handle(name, APP_NAME).stats.remote().result()
-             for name in ("TextEncoder", "Denoiser", "Decoder")}
-    for name, stat in stats.items():
-        assert max(int(k) for k in stat["batch_sizes"]) > 1, (name, stat)
+    after = _batch_sizes()
+    for name in after:  # batches of this test's requests only (the stats count since the replica started)
+        shared = {int(size): n - before[name].get(size, 0) for size, n in after[name].items()}
+        assert any(size > 1 and n > 0 for size, n in shared.items()), (name, before[name], after[name])
+
+
+def _batch_sizes() -> dict[str, dict]:
+    return {name: dict(serve.get_deployment_handle(name, APP_NAME).stats.remote().result()["batch_sizes"])
+            for name in ("TextEncoder", "Denoiser", "Decoder")}
 
 
 def test_health_and_openapi(server):
@@ -191,6 +202,19 @@ def test_health_and_openapi(server):
     assert {T2I, I2I} <= set(spec["paths"])
     assert httpx.get(server + "/files/../../etc/passwd").status_code == 404
     assert httpx.get(server + "/files/" + "0" * 32 + ".png").status_code == 404
+
+
+def test_health_is_503_while_serve_does_not_list_the_application(server, reference, tmp_path):
+    """Readiness read from Serve's real status: an application it does not list (being deployed or
+    deleted) is not ready, and neither is one whose stages are listed but not all serving."""
+    settings = get_settings().model_copy(update={"storage_dir": tmp_path / "files",
+                                                 "queue_db_path": tmp_path / "requests.sqlite3"})
+    service = SRPOService(InProcessBackend(reference), settings)
+    with TestClient(build_app(service, GraphHealth("not-deployed"))) as client:
+        response = client.get("/health")
+        assert (response.status_code, response.json()) == (503, {"status": "starting", "stages": {}})
+    with TestClient(build_app(service, GraphHealth(APP_NAME))) as client:
+        assert client.get("/health").status_code == 200  # the same check on the running application
 
 
 @serve.deployment

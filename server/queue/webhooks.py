@@ -8,7 +8,7 @@ import logging
 import httpx
 
 from api.queue_schemas import WebhookBody
-from server.outbound import BlockedDestination, check_destination
+from server.outbound import BlockedDestination, check_destination, describe_failure
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ async def deliver_webhook(url: str, body: WebhookBody, settings: Settings) -> bo
                 pinned["headers"]["content-type"] = "application/json"
                 response = await client.post(content=body.model_dump_json(), **pinned)
             except httpx.HTTPError as exc:
-                logger.warning("webhook for %s, attempt %d: %s", body.request_id, attempt + 1, type(exc).__name__)
+                logger.warning("webhook for %s, attempt %d: %s", body.request_id, attempt + 1, describe_failure(exc))
                 continue
             if response.is_success:
                 return True
