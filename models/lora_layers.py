@@ -47,13 +47,20 @@ class LoraBank:
             raise ValueError("a LoRA bank needs at least one slot and rank 1")
         self.slots, self.max_rank = slots, max_rank
         self.sites: dict[str, _Site] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.index: torch.Tensor | None = None  # (batch,) each sample's slot; None: no sample has one
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}  # device copies, made once per slot tuple
         for name, linear in module.named_modules():
             if isinstance(linear, nn.Linear):
                 site = _Site(linear, slots, max_rank)
                 self.sites[name] = site
-                linear.register_forward_hook(self._hook(site))
+                self._hooks.append(linear.register_forward_hook(self._hook(site)))
+
+    def detach(self) -> None:
+        """Take the bank's hooks off its module (the module then runs as if it never had one)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     @property
     def nbytes(self) -> int:
@@ -71,9 +78,11 @@ class LoraBank:
             if index is None:
                 return None
             x = args[0]
-            flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(site.down.dtype)
-            delta = torch.bmm(torch.bmm(flat, site.down[index]), site.up[index])
-            return output + delta.reshape(output.shape).to(output.dtype)
+            batch, width = x.shape[0], x.shape[-1]
+            down = torch.bmm(x.reshape(batch, -1, width).to(site.down.dtype), site.down[index])
+            flat = output.reshape(batch, -1, output.shape[-1])
+            # One fused pass over the output: base + (x @ down) @ up.
+            return torch.baddbmm(flat, down.to(flat.dtype), site.up[index].to(flat.dtype)).reshape(output.shape)
 
         return add_adapters
 

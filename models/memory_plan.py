@@ -64,6 +64,18 @@ def fp8_copy_bytes(bias_itemsize: int = 2) -> int:
     return elements + 4 * rows + bias_itemsize * rows
 
 
+@lru_cache(maxsize=None)
+def lora_pool_bytes(component: str, slots: int, max_rank: int, itemsize: int = 2) -> int:
+    """A LoRA bank's pools on a component (models/lora_layers.py): every Linear's down and up, padded
+    to `max_rank`, for `slots` adapter sets plus the empty slot."""
+    if slots == 0:
+        return 0
+    with torch.device("meta"):
+        module = BUILDERS[component]()
+    widths = sum(m.in_features + m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    return itemsize * widths * max_rank * (slots + 1)
+
+
 @dataclass(frozen=True)
 class StageMemory:
     stage: str
@@ -75,10 +87,12 @@ class StageMemory:
 
 
 def denoiser_memory(
-    max_batch_tokens: int, max_ongoing_requests: int, modes: list[str], max_pixels: int, itemsize: int = 2
+    max_batch_tokens: int, max_ongoing_requests: int, modes: list[str], max_pixels: int, itemsize: int = 2,
+    lora_slots: int = 0, lora_max_rank: int = 0,
 ) -> StageMemory:
-    """The transformer, the fp8 copy when `high` is built, one forward of `max_batch_tokens`, and
-    every request it may hold at its largest: latents, prompt embeddings and step-cache residuals."""
+    """The transformer, the fp8 copy when `high` is built, one forward of `max_batch_tokens`, every
+    request it may hold at its largest (latents, prompt embeddings, step-cache residuals), and the
+    LoRA pools of `lora_slots` sets at `lora_max_rank`."""
     image_tokens = max_pixels // 256  # 8x VAE, 2x2 packing
     samples = max_ongoing_requests * MAX_IMAGES_PER_REQUEST
     cached = any(m != "none" for m in modes)
@@ -90,13 +104,15 @@ def denoiser_memory(
         "activations": itemsize * max_batch_tokens * HIDDEN * DENOISE_WIDTHS_PER_TOKEN,
         "held requests": samples * per_sample,
         "cuda context": CUDA_CONTEXT_BYTES,
+        "LoRA pools": lora_pool_bytes("transformer", lora_slots, lora_max_rank, itemsize),
     }
     if "high" in modes:
         parts["fp8 blocks"] = fp8_copy_bytes(itemsize)
     return StageMemory("Denoiser", parts)
 
 
-def text_encoder_memory(batch_size: int, itemsize: int = 2) -> StageMemory:
+def text_encoder_memory(batch_size: int, itemsize: int = 2, lora_slots: int = 0, lora_max_rank: int = 0
+                        ) -> StageMemory:
     """CLIP-L and T5-XXL, and T5's largest layer for `batch_size` prompts of 512 tokens: hidden
     states, gated FFN (3 x d_ff) and float32 attention scores before and after softmax."""
     d, ff, heads = T5_XXL["d_model"], T5_XXL["d_ff"], T5_XXL["num_heads"]
@@ -105,6 +121,7 @@ def text_encoder_memory(batch_size: int, itemsize: int = 2) -> StageMemory:
         "weights": itemsize * (parameter_count("text_encoder") + parameter_count("text_encoder_2")),
         "activations": batch_size * TEXT_TOKENS * per_token,
         "cuda context": CUDA_CONTEXT_BYTES,
+        "LoRA pools": lora_pool_bytes("text_encoder", lora_slots, lora_max_rank, itemsize),
     })
 
 

@@ -13,6 +13,7 @@ import yaml
 
 from api.schemas import DEFAULT_MAX_PIXELS
 from deployments.app import AppArgs
+from settings import Settings
 from models.memory_plan import GIB, decoder_memory, denoiser_memory, fp8_copy_bytes, parameter_count, text_encoder_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +58,13 @@ def stage_memory(app: dict, deployments: dict[str, dict]):
     env = app.get("runtime_env", {}).get("env_vars", {})
     assert env.get("SRPO_DTYPE") == "bfloat16"
     max_pixels = int(env.get("SRPO_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+    defaults = Settings.model_fields
+    loras = dict(lora_slots=int(env.get("SRPO_LORA_DEVICE_SLOTS", defaults["lora_device_slots"].default)),
+                 lora_max_rank=int(env.get("SRPO_LORA_MAX_RANK", defaults["lora_max_rank"].default)))
     return {
         "Denoiser": denoiser_memory(args.denoise_max_batch_tokens, deployments["Denoiser"]["max_ongoing_requests"],
-                                    args.denoise_acceleration_modes, max_pixels),
-        "TextEncoder": text_encoder_memory(args.text_batch_size),
+                                    args.denoise_acceleration_modes, max_pixels, **loras),
+        "TextEncoder": text_encoder_memory(args.text_batch_size, **loras),
         "Decoder": decoder_memory(),
     }
 

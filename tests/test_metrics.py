@@ -24,6 +24,7 @@ from api.schemas import TextToImageInput
 from models.pipeline import SRPOPipeline
 from safety.tiny import write_tiny_safety_checker
 from server.service import to_generation_request
+from tests import loras
 from tests.conftest import CPU
 from tests.harness import free_port, running_serve, tiny_env
 from tests.queue_helpers import slow, small, step_logs, wait_status
@@ -82,11 +83,19 @@ def safety_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scrapes(tiny_root, safety_dir, tmp_path_factory) -> Iterator[dict[str, Scrape]]:
+def lora_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("loras")
+    loras.diffusers_lora(folder / "style.safetensors", 3, text_encoder=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scrapes(tiny_root, safety_dir, lora_dir, tmp_path_factory) -> Iterator[dict[str, Scrape]]:
     """Traffic of known shape, then a Denoiser SIGKILLed mid-request: a scrape after each."""
     metrics_port = free_port()
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    env = tiny_env(tiny_root, tmp_path_factory.mktemp("metrics"), SRPO_SAFETY_DIR=str(safety_dir))
+    env = tiny_env(tiny_root, tmp_path_factory.mktemp("metrics"), SRPO_SAFETY_DIR=str(safety_dir),
+                   SRPO_LORA_DIR=str(lora_dir), SRPO_LORA_CACHE_DIR=str(tmp_path_factory.mktemp("lora_cache")))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_metrics_report_interval_ms", "500")  # Ray's processes inherit it (default 10 s)
         # Serve sets its replica-health gauge every 10 s, longer than a gauge lives at that interval.
@@ -101,7 +110,8 @@ def traffic(client: httpx.Client, metrics_url: str) -> Scrape:
     submitted = client.post("/queue/fal-ai/flux/srpo", json=QUEUED)
     assert submitted.status_code == 200, submitted.text
     i2i = client.post("/fal-ai/flux/srpo/image-to-image", json=small(
-        prompt="a painted fox", image_url=data_uri(64), strength=1.0, num_inference_steps=I2I_STEPS))
+        prompt="a painted fox", image_url=data_uri(64), strength=1.0, num_inference_steps=I2I_STEPS,
+        loras=[{"path": "style"}]))  # a LoRA with a CLIP part: both tiers of both stages count it
     assert i2i.status_code == 200, i2i.text
     invalid = client.post("/fal-ai/flux/srpo", json=small(num_inference_steps=0))
     assert invalid.status_code == 422 and invalid.headers["x-fal-error-type"] == "input_error"
@@ -169,6 +179,11 @@ def test_stage_and_denoiser_metrics(scrapes):
     assert not s.has("ray_srpo_step_cache_sample_steps_total", result="reused")
     assert s.value("ray_srpo_batch_size_count", stage="text_encoder") >= 1
     assert s.value("ray_srpo_batch_size_sum", stage="decoder") == 3
+    for stage in ("denoiser", "text_encoder"):  # the image-to-image request's one LoRA, loaded once
+        for tier in ("host", "device"):
+            assert s.value("ray_srpo_lora_cache_events_total", stage=stage, tier=tier, result="miss") == 1, stage
+        assert s.value("ray_srpo_lora_load_seconds_count", stage=stage) == 1, stage
+        assert s.value("ray_srpo_lora_resident_adapters", stage=stage) == 1, stage
 
 
 def test_a_replica_failure_counts_a_retry(scrapes):
