@@ -272,3 +272,47 @@ def test_bank_adds_nothing_for_samples_without_adapters(tiny_model_dir, lora_fil
     torch.testing.assert_close(adapted[0], base[0] + x[0] @ delta["x_embedder"].down.T @ delta["x_embedder"].up.T)
     with bank.active([NO_ADAPTER] * 3):
         assert bank.index is None  # no adapter in the batch: the module's own path
+
+
+def test_concurrent_requests_for_one_url_fetch_it_once_into_the_capped_disk_cache(tmp_path, lora_files):
+    """The disk tier (server/lora_sources.py): five requests at once for one URL make one download;
+    files past the cache's byte cap go, least recently used first."""
+    import http.server
+    import threading
+
+    from server.lora_sources import LoraSources
+    from settings import Settings
+
+    gets = []
+
+    class Counting(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(lora_files["kohya"].parent), **kwargs)
+
+        def do_GET(self):
+            gets.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    size = lora_files["kohya"].stat().st_size
+    settings = Settings(lora_cache_dir=tmp_path / "cache", lora_url_allowed_networks=["127.0.0.1/32"],
+                        lora_disk_cache_bytes=int(2.5 * size))
+    sources = LoraSources(settings)
+
+    async def scenario() -> list[Path]:
+        return await asyncio.gather(*(sources.local_file(f"{base}/kohya.safetensors") for _ in range(5)))
+
+    try:
+        files = asyncio.run(scenario())
+        assert len(set(files)) == 1 and gets == ["/kohya.safetensors"]
+        for name in ("xlabs", "diffusers", "rank8"):  # three more files: the cap holds two
+            asyncio.run(sources.local_file(f"{base}/{name}.safetensors"))
+        cached = sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors"))
+        assert len(cached) <= 2 and files[0].name not in cached  # the least recently used went first
+    finally:
+        server.shutdown()
