@@ -99,41 +99,48 @@ CANCELLED = Completion(code=CANCELLED_CODE, body=CANCELLED_BODY, error="Request 
 Change = Literal["request", "queue"]
 
 
+class _Waiter:
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.seen: set[Change] = set()
+
+    def wake(self, change: Change) -> None:
+        self.seen.add(change)
+        self.event.set()
+
+
 class Changes:
     """This process's waiters on store changes: a request's own (status, logs) or a move of the queue
     (a waiting request left or came back, so positions changed). One notification source per
     process wakes them, never a timer per waiter."""
 
     def __init__(self) -> None:
-        self._waiters: dict[str, set[tuple[asyncio.Event, list[Change]]]] = {}
-        self._queue_waiters: set[tuple[asyncio.Event, list[Change]]] = set()
+        self._waiters: dict[str, set[_Waiter]] = {}
+        self._queue_waiters: set[_Waiter] = set()
 
     def changed(self, request_id: str) -> None:
-        for event, seen in self._waiters.get(request_id, ()):
-            seen.append("request")
-            event.set()
+        for waiter in self._waiters.get(request_id, ()):
+            waiter.wake("request")
 
     def moved(self) -> None:
-        for event, seen in self._queue_waiters:
-            seen.append("queue")
-            event.set()
+        for waiter in self._queue_waiters:
+            waiter.wake("queue")
 
     def everything(self) -> None:
         """Anything may have changed (another process wrote, notifications were lost): every waiter
         looks again, at the pace of queue moves."""
-        for waiters in list(self._waiters.values()):
-            for event, seen in waiters:
-                seen.append("queue")
-                event.set()
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.wake("queue")
 
     async def wait(self, request_id: str, timeout_s: float, queue_moves: bool) -> Change | None:
         """The first change seen within `timeout_s` ("request" wins over "queue"), or None."""
-        waiter: tuple[asyncio.Event, list[Change]] = (asyncio.Event(), [])
+        waiter = _Waiter()
         self._waiters.setdefault(request_id, set()).add(waiter)
         if queue_moves:
             self._queue_waiters.add(waiter)
         try:
-            await asyncio.wait_for(waiter[0].wait(), timeout_s)
+            await asyncio.wait_for(waiter.event.wait(), timeout_s)
         except TimeoutError:
             pass
         finally:
@@ -143,7 +150,7 @@ class Changes:
                 if not waiters:
                     del self._waiters[request_id]
             self._queue_waiters.discard(waiter)
-        return "request" if "request" in waiter[1] else ("queue" if waiter[1] else None)
+        return "request" if "request" in waiter.seen else ("queue" if waiter.seen else None)
 
 
 class RequestStore(ABC):
@@ -275,9 +282,11 @@ CREATE TRIGGER IF NOT EXISTS queue_out AFTER DELETE ON requests WHEN OLD.status=
     UPDATE queue_counts SET waiting=waiting-1, moves=moves+1 WHERE lane=OLD.low;
 END;
 """
-# A rebuild of the positions list scans the queue: at most this fraction of the time goes to it (at
-# 100k waiting a rebuild takes tens of ms, so positions then lag a move by up to a few tenths of a s).
+# A rebuild of the positions list scans the queue. Past EXACT_POSITIONS_UP_TO waiting requests at most
+# POSITIONS_SCAN_SHARE of the time goes to it (at 100k waiting a rebuild takes tens of ms, so
+# positions then lag a move by up to a few tenths of a second); below, positions are always exact.
 POSITIONS_SCAN_SHARE = 0.1
+EXACT_POSITIONS_UP_TO = 1000
 WATCH_INTERVAL_S = 0.1  # how often a process looks for other processes' commits (PRAGMA data_version)
 
 
@@ -299,7 +308,8 @@ class _Positions:
             self.lanes = ([seq for low, seq in rows if not low], [seq for low, seq in rows if low])
             self.moves = moves
             self.through = db.execute("SELECT COALESCE(MAX(seq), 0) FROM requests").fetchone()[0]
-            self.next_rebuild = now + (time.monotonic() - now) / POSITIONS_SCAN_SHARE
+            if len(rows) > EXACT_POSITIONS_UP_TO:
+                self.next_rebuild = now + (time.monotonic() - now) / POSITIONS_SCAN_SHARE
             return
         for low, seq in db.execute(
             "SELECT low, seq FROM requests WHERE seq>? AND status='IN_QUEUE' ORDER BY seq", (self.through,)
