@@ -133,6 +133,10 @@ class Changes:
             for waiter in waiters:
                 waiter.wake("queue")
 
+    def watched(self, request_id: str) -> bool:
+        """Whether a reader of this process waits on the request now."""
+        return bool(self._waiters.get(request_id))
+
     async def wait(self, request_id: str, timeout_s: float, queue_moves: bool) -> Change | None:
         """The first change seen within `timeout_s` ("request" wins over "queue"), or None."""
         waiter = _Waiter()
