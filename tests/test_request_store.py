@@ -302,3 +302,23 @@ def test_a_change_by_another_replica_wakes_a_waiter(make_store):
         assert await unrelated is None  # nothing happened to it, and it did not ask for queue moves
 
     run(scenario())
+
+
+def test_requests_waiting_in_an_earlier_versions_redis_lists_are_kept_in_order(redis_url):
+    """An upgrade finds the queue as plain lists (before sorted sets): nothing waiting is lost."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    waiting = [_new(), _new(), _new(priority="low")]
+    for request in waiting:  # what the earlier version's enqueue wrote
+        client.hset(f"srpo:queue:r:{request.id}", mapping={
+            "request": request.model_dump_json(), "status": "IN_QUEUE", "priority": request.priority,
+            "created": request.created_at})
+        client.rpush("srpo:queue:pending" + (":low" if request.priority == "low" else ""), request.id)
+    client.close()
+
+    async def scenario():
+        store = RedisRequestStore(redis_url, 60)
+        assert [(await store.claim("w", 30)).id for _ in waiting] == [r.id for r in waiting]
+        await store.close()
+
+    run(scenario())
