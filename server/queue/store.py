@@ -716,6 +716,8 @@ end
 return 1
 """
 RECONNECT_S = 1.0  # after a lost notification connection, how long before subscribing again
+REDIS_CONNECTIONS = 64  # per process
+REDIS_POOL_WAIT_S = 20.0
 
 
 class RedisRequestStore(RequestStore):
@@ -733,10 +735,13 @@ class RedisRequestStore(RequestStore):
         super().__init__(ttl_s, low_priority_max_wait_s)
         # After a Redis restart the pool's connections are dead: check one idle for a second before use
         # (a PING, reconnecting if needed), and retry a command that meets a closed connection.
-        self._redis = aioredis.Redis.from_url(
-            url, decode_responses=True, health_check_interval=1,
+        # Hundreds of held status reads wake at once on a queue move: past REDIS_CONNECTIONS, a command
+        # waits for a free connection (up to REDIS_POOL_WAIT_S) instead of failing.
+        self._redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            url, decode_responses=True, health_check_interval=1, max_connections=REDIS_CONNECTIONS,
+            timeout=REDIS_POOL_WAIT_S,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 5), retry_on_error=[ConnectionError, TimeoutError],
-        )
+        ))
         self._waiting = self.PREFIX + "waiting"
         self._waiting_low = self._waiting + ":low"  # the scripts derive the same name
         self._running = self.PREFIX + "running"
