@@ -249,14 +249,14 @@ def run_store(kind: str, args, rows: list[dict]) -> None:
             asyncio.run(scenario())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--clients", type=int, default=500)
     parser.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",")], default=[0, 10_000, 100_000])
     parser.add_argument("--stores", default="sqlite,redis")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with floor_server() as port:
         floor = asyncio.run(closed_loop(port, lambda i, n: "/livez", args.seconds))
     print(json.dumps({"floor": floor}), flush=True)
