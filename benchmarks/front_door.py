@@ -210,7 +210,9 @@ def run_store(kind: str, args, rows: list[dict]) -> None:
     state = Path(tempfile.mkdtemp(prefix="front-door-"))
     with (redis_server() if kind == "redis" else nullcontext()) as url:
         extra = {"SRPO_REDIS_URL": url} if url else {}
-        env = tiny_env(ensure_tiny_model(get_settings().tiny_dir), state, SRPO_QUEUE_MAX_PENDING="1000000",
+        tiny_root = get_settings().tiny_dir
+        ensure_tiny_model(tiny_root)  # once, before the replicas look for it
+        env = tiny_env(tiny_root, state, SRPO_QUEUE_MAX_PENDING="1000000",
                        SRPO_QUEUE_CONCURRENCY="1", **extra)
         with running_serve(env) as base:
             port = int(base.rsplit(":", 1)[1])
