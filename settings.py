@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     queue_max_attempts: int = Field(
         3, ge=1, description="A queued request whose replica stopped this many times ends with an error."
     )
+    queue_status_hold_s: float = Field(
+        1.0, ge=0, le=30,
+        description="A status poll repeated within a second whose answer has not changed is held up to this long "
+                    "for a change (a long poll: fal's Python client polls every 0.1 s); 0 answers at once.",
+    )
     queue_drain_s: float = Field(
         15.0, ge=0, description="A stopping ingress replica's time to finish queued work before handing it back "
         "(keep below the deployment's graceful_shutdown_timeout_s).",

@@ -194,7 +194,7 @@ class GraphHealth:
         return {name: d.status in READY for name, d in app.deployments.items()}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024)  # held status polls
 @serve.ingress()
 class Ingress:
     def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, decoder: DeploymentHandle) -> None:

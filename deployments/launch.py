@@ -33,6 +33,11 @@ QUIET_ENV = QUIET_LIBRARIES | {
     # the cluster the same whatever the machine holds, and `serve status` needs the same mode.
     "RAY_AUTH_MODE": "token",
 }
+# Serve's high-throughput data plane (Ray >= 2.55): HAProxy in front of the ingress replicas, which
+# take HTTP themselves, and Serve's throughput-optimized settings; about 3x the requests per second of
+# the default proxy (docs/benchmarks.md). Ray reads them once per process, so they are set before Ray
+# starts. HAProxy's frontend speaks plain HTTP: with TLS in http_options, Serve's own proxy is kept.
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 CONTROLLER_POLL_S = 2.0  # how often the launcher looks for a `serve shutdown` from elsewhere
 BANNER_RULE = "-" * 72
 
@@ -40,6 +45,11 @@ BANNER_RULE = "-" * 72
 def _quiet_environment() -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def data_plane_env(http_options: dict[str, Any]) -> dict[str, str]:
+    """The environment of Serve's data plane for these http_options: high-throughput unless TLS."""
+    return {} if http_options.get("ssl_certfile") else HIGH_THROUGHPUT_ENV
 
 
 def _application_args(app: dict[str, Any]) -> dict[str, Any]:
@@ -111,13 +121,14 @@ def _serve_is_running() -> bool:
 
 
 def run(config_path: Path) -> int:
-    _quiet_environment()
-    import ray
-    from ray import serve
-
     config = yaml.safe_load(config_path.read_text())
     (app,) = config["applications"]
     http_options = config.get("http_options") or {}
+    _quiet_environment()
+    for key, value in data_plane_env(http_options).items():  # a value the user set wins
+        os.environ.setdefault(key, value)
+    import ray
+    from ray import serve
     print(f"Starting srpo-serve from {config_path}: Ray, then the application's replicas load their "
           "weights (about a minute on 2 cores)...", flush=True)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 from ray import serve
 
 from deployments.app import build_app
+from deployments.launch import data_plane_env
 
 APP_NAME = "srpo"
 
@@ -45,8 +47,11 @@ def running_serve(
     if tls is not None:
         http_options |= {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])}
     scheme = "https" if tls else "http"
-    saved = {key: os.environ.get(key) for key in secrets or {}}
-    os.environ.update(secrets or {})
+    # Serve's data plane as it ships (deployments/launch.py); it reaches Ray's processes through the
+    # environment they inherit, like the secrets.
+    process_env = (secrets or {}) | _data_plane_env(http_options)
+    saved = {key: os.environ.get(key) for key in process_env}
+    os.environ.update(process_env)
     try:
         ray.init(
             num_cpus=8,
@@ -76,6 +81,22 @@ def running_serve(
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _data_plane_env(http_options: dict[str, Any]) -> dict[str, str]:
+    """`data_plane_env`, with this run's own HAProxy files and ports: several Ray instances share the machine."""
+    env = data_plane_env(http_options)
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        run_dir = Path(tempfile.mkdtemp(prefix="hap-"))  # short: the admin socket's path has a length limit
+        env = env | {
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(run_dir / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(run_dir / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(run_dir),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(run_dir / "server-state"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        }
+    return env
 
 
 def tiny_env(tiny_root: Path, storage: Path, **extra: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from benchmarks import end_to_end, load_test, quality, random_model, report, serving_overhead, step_latency
+from benchmarks import end_to_end, front_door, load_test, quality, random_model, report, serving_overhead, step_latency
 from models.pipeline import SRPOPipeline
 from models.request import GenerationRequest
 from scheduling.policy import POLICIES
@@ -107,3 +107,13 @@ def test_random_folder_loads_and_generates(tmp_path, tiny_model_dir, monkeypatch
         GenerationRequest(prompt="noise", width=128, height=128, num_inference_steps=2, guidance_scale=3.5, seed=1),
         enable_safety_checker=False)
     assert result.images[0].shape == (128, 128, 3) and np.isfinite(result.latents.numpy()).all()
+
+
+def test_front_door_runs_small(tmp_path, tiny_root):
+    """The front-door benchmark end to end on one store, a small queue and a few clients."""
+    out = tmp_path / "front_door.json"
+    front_door.main(["--seconds", "0.5", "--clients", "5", "--depths", "0,20", "--stores", "sqlite",
+                     "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [row["depth"] for row in result["rows"]] == [0, 20]
+    assert all(row["waiting_clients"]["errors"] == 0 and row["trivial"]["rps"] > 0 for row in result["rows"])

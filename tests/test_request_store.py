@@ -247,3 +247,133 @@ def test_concurrent_enqueues_fill_the_queue_exactly_to_its_limit(make_store):
     accepted = sum(ok for replica in _at_once(submit) for ok in replica)
     assert accepted == 25
     assert run(make_store().pending()) == 25
+DEEP = 3000
+
+
+async def _fill(store: RequestStore, count: int) -> list[NewRequest]:
+    requests = [_new() for _ in range(count)]
+    for request in requests:
+        assert await store.enqueue(request, 10 * DEEP) is not None
+    return requests
+
+
+def _sqlite_work(store: SqliteRequestStore):
+    """A counter of the SQLite virtual machine's steps on the store's connection (its work)."""
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    store._db.set_progress_handler(count, 50)  # noqa: SLF001: the only handle on the engine's work
+    return steps
+
+
+def test_a_deep_queue_costs_a_status_read_what_a_shallow_one_does(make_store, request):
+    """Submit, status (with logs) and cancel at 3000 waiting cost what they cost at 1: no count of
+    the queue per read (SQLite: engine steps; Redis: only O(log n) commands), positions stay exact."""
+
+    async def scenario():
+        store = make_store()
+        redis_client = (None if isinstance(store, SqliteRequestStore)
+                        else redis.Redis.from_url(request.getfixturevalue("redis_url")))
+
+        async def cost(op) -> int | set[str]:
+            if redis_client is None:
+                steps = _sqlite_work(store)
+                await op()
+                return steps[0]
+            before = redis_client.info("commandstats")
+            await op()
+            after = redis_client.info("commandstats")
+            return {name for name, stats in after.items() if stats["calls"] != before.get(name, {}).get("calls")}
+
+        async def read_last(requests):  # the second read: the first after a move rebuilds (SQLite)
+            await store.get(requests[-1].id)
+            return await cost(lambda: store.get(requests[-1].id))
+
+        shallow = await _fill(store, 1)
+        costs = {"status": [await read_last(shallow)], "submit": [await cost(lambda: _fill(store, 1))]}
+        await store.cancel(shallow[0].id)
+        await store.claim("w", 30)
+        deep = await _fill(store, DEEP)
+        costs["status"].append(await read_last(deep))
+        costs["submit"].append(await cost(lambda: _fill(store, 1)))
+        costs["cancel"] = [await cost(lambda: store.cancel(deep[1].id)), await cost(lambda: store.cancel(deep[-2].id))]
+        if redis_client is None:
+            for name, (at_1, at_deep) in costs.items():
+                assert at_deep <= 2 * at_1 + 5, (name, costs)
+        else:
+            # No LPOS or LREM (a scan of the queue): every command here is O(1) or O(log n).
+            cheap = {f"cmdstat_{name}" for name in ("hgetall", "hget", "hset", "zrank", "zcard", "zadd", "zrem", "incr",
+                                                    "expire", "publish", "multi", "exec", "evalsha", "lrange",
+                                                    "ping", "info")}
+            for name, seen in costs.items():
+                assert set().union(*seen) <= cheap, (name, seen)
+            redis_client.close()
+        # Exact positions after moves in the middle and at the head (waited for: past
+        # EXACT_POSITIONS_UP_TO a rebuild of the positions may lag a move).
+        await store.claim("w", 30)
+        deadline = time.monotonic() + 10
+        expected = DEEP - 4  # ahead of deep[-1]: the rest of `deep` less deep[0] (claimed), deep[1], deep[-2]
+        while (position := (await store.get(deep[-1].id)).queue_position) != expected and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert position == expected
+
+    run(scenario())
+
+
+def test_logs_are_read_from_an_offset(make_store):
+    async def scenario():
+        store = make_store()
+        running = _new()
+        await store.enqueue(running, 10)
+        await store.claim("w", 30)
+        for i in range(3):
+            assert await store.append_logs(running.id, "w", [LogEntry(message=f"step {i}")])
+        assert [e.message for e in await store.logs_from(running.id, 1)] == ["step 1", "step 2"]
+        assert await store.logs_from(running.id, 3) == []
+        assert (await store.get(running.id, logs=False)).logs == []
+
+    run(scenario())
+
+
+def test_a_change_by_another_replica_wakes_a_waiter(make_store):
+    """Status holds and streams wake on the store's notifications: one replica waits, another claims,
+    logs and completes (Redis: pub/sub; SQLite: another connection's commits)."""
+
+    async def scenario():
+        waiting_side, working_side = make_store(), make_store()
+        first, second = _new(), _new()
+        await working_side.enqueue(first, 10)
+        await working_side.enqueue(second, 10)
+        moved = asyncio.ensure_future(waiting_side.wait_for_change(second.id, 30, queue_moves=True))
+        own = asyncio.ensure_future(waiting_side.wait_for_change(first.id, 30))
+        await asyncio.sleep(0)  # both registered before anything changes
+        await working_side.claim("w", 30)
+        assert await asyncio.wait_for(moved, 10) is not None
+        assert await asyncio.wait_for(own, 10) is not None
+        unrelated = asyncio.ensure_future(waiting_side.wait_for_change(second.id, 0.5))
+        assert await unrelated is None  # nothing happened to it, and it did not ask for queue moves
+
+    run(scenario())
+
+
+def test_requests_waiting_in_an_earlier_versions_redis_lists_are_kept_in_order(redis_url):
+    """An upgrade finds the queue as plain lists (before sorted sets): nothing waiting is lost."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    waiting = [_new(), _new(), _new(priority="low")]
+    for request in waiting:  # what the earlier version's enqueue wrote
+        client.hset(f"srpo:queue:r:{request.id}", mapping={
+            "request": request.model_dump_json(), "status": "IN_QUEUE", "priority": request.priority,
+            "created": request.created_at})
+        client.rpush("srpo:queue:pending" + (":low" if request.priority == "low" else ""), request.id)
+    client.close()
+
+    async def scenario():
+        store = RedisRequestStore(redis_url, 60)
+        assert [(await store.claim("w", 30)).id for _ in waiting] == [r.id for r in waiting]
+        await store.close()
+
+    run(scenario())

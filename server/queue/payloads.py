@@ -65,7 +65,7 @@ class Payloads:
         now = time.time()
         gone = []
         for name, created, request_id in await asyncio.to_thread(self.storage.payloads):
-            if now - created > self.grace_s and await store.get(request_id) is None:
+            if now - created > self.grace_s and await store.get(request_id, logs=False) is None:
                 gone.append(name)
         await self.delete(gone)
         return len(gone)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import AsyncIterator
 
@@ -14,28 +15,14 @@ from api.schemas import REQUEST_ID_HEADER, ImageToImageInput, TextToImageInput
 from server.headers import FalHeaders
 from server.logging_context import current_request_id
 from server.outbound import BlockedDestination, check_destination
+from server.queue.status_reads import StatusReads, status_body
 from server.queue.store import CANCELLED, NewRequest, RequestRecord
 from server.queue.webhooks import WEBHOOK_SETTING
 from server.queue.worker import QueueWorker
 from server.service import FalInput
 
-STREAM_POLL_S = 0.1
+STREAM_CHECK_S = 5.0  # a stream looks at the store at least this often (notifications wake it sooner)
 MAX_QUEUE_LENGTH = Query(None, ge=0, description="429 (nothing queued) when this many requests already wait.")
-
-
-def status_body(record: RequestRecord, base: str, logs: bool) -> QueueStatus:
-    metrics = None
-    if record.status == "COMPLETED" and record.inference_time is not None:
-        metrics = {"inference_time": record.inference_time}
-    return QueueStatus(
-        **QueueUrls.for_request(base, record.id).model_dump(),
-        status=record.status,
-        queue_position=record.queue_position if record.status == "IN_QUEUE" else None,
-        logs=record.logs if logs and record.status != "IN_QUEUE" else None,
-        metrics=metrics,
-        error=record.error,
-        error_type=record.error_type,
-    )
 
 
 def _logs_flag(logs: str | None) -> bool:
@@ -45,6 +32,7 @@ def _logs_flag(logs: str | None) -> bool:
 def queue_router(worker: QueueWorker, base_url) -> APIRouter:
     """`base_url(request)` is the scheme and host the client used."""
     store, settings, payloads = worker.store, worker.settings, worker.payloads
+    reads = StatusReads(store, settings.queue_status_hold_s)
     router = APIRouter(prefix="/queue")
 
     async def submit(endpoint: str, body: FalInput, request: Request, fal_webhook: str | None,
@@ -87,7 +75,7 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
         return await submit(ENDPOINTS[1], body, request, fal_webhook, fal_max_queue_length, headers)
 
     async def known(request_id: str) -> RequestRecord:
-        record = await store.get(request_id)
+        record = await store.get(request_id, logs=False)
         if record is None:
             raise HTTPException(404, f"Request {request_id} not found")
         return record
@@ -95,8 +83,10 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
     @router.get(f"/{APP_ALIAS}/requests/{{request_id}}/status", response_model=QueueStatus,
                 summary="A queued request's status (202 until it completes)")
     async def status(request_id: str, request: Request, logs: str | None = None) -> JSONResponse:
-        record = await known(request_id)
-        body = status_body(record, base_url(request), _logs_flag(logs)).body()
+        answered = await reads.answer(request_id, base_url(request), _logs_flag(logs))
+        if answered is None:
+            raise HTTPException(404, f"Request {request_id} not found")
+        record, body = answered
         return JSONResponse(body, status_code=200 if record.status == "COMPLETED" else 202,
                             headers={REQUEST_ID_HEADER: request_id})
 
@@ -106,9 +96,9 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
         base, with_logs = base_url(request), _logs_flag(logs)
 
         async def events() -> AsyncIterator[str]:
-            sent_logs, last = 0, None
+            sent_logs, last, sent_at = 0, None, 0.0
             while True:
-                record = await store.get(request_id)
+                record = await reads.read(request_id, with_logs)
                 if record is None:  # expired while streaming
                     return
                 new_logs = record.logs[sent_logs:]
@@ -117,10 +107,10 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
                     # Each event carries only the entries new since the previous one.
                     record.logs = new_logs
                     yield f"data: {json.dumps(status_body(record, base, with_logs).body())}\n\n"
-                    sent_logs, last = sent_logs + len(new_logs), key
+                    sent_logs, last, sent_at = sent_logs + len(new_logs), key, time.monotonic()
                 if record.status == "COMPLETED":
                     return
-                await worker.wait_for_change(STREAM_POLL_S)
+                await reads.wait(record, STREAM_CHECK_S, sent_at)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={REQUEST_ID_HEADER: request_id, "Cache-Control": "no-cache"})
@@ -145,7 +135,7 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
             raise HTTPException(404, f"Request {request_id} not found")
         if outcome == "completed":
             return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
-        if outcome == "removed" and (record := await store.get(request_id)) is not None:
+        if outcome == "removed" and (record := await store.get(request_id, logs=False)) is not None:
             worker.notify(record, CANCELLED)
         return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
 

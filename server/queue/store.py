@@ -8,12 +8,19 @@ other. A running request holds a lease its replica renews; when a replica dies, 
 out and the request goes back to the head of the queue (`requeue_expired`), so nothing accepted
 is lost. Every transition is one atomic operation (a SQLite write transaction, a Redis Lua
 script), so replicas never claim the same request twice and a full queue enqueues nothing.
+
+A status read costs the same at any queue depth: waiting counts are kept as counters, a queue
+position is a rank (Redis: a sorted set's; SQLite: a per-process list of the waiting requests,
+rebuilt only when the queue moved), and logs are read from an offset. Every change is announced
+(`Changes`: Redis pub/sub, or in-process for SQLite) so held status reads and streams wake on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -25,6 +32,8 @@ from pydantic import BaseModel, Field
 
 from api.queue_schemas import LogEntry, QueueState
 from settings import Settings
+
+logger = logging.getLogger(__name__)
 
 CancelOutcome = Literal["removed", "requested", "completed", "unknown"]
 Priority = Literal["normal", "low"]
@@ -87,6 +96,67 @@ class Completion(BaseModel):
 CANCELLED = Completion(code=CANCELLED_CODE, body=CANCELLED_BODY, error="Request was cancelled", error_type="cancelled")
 
 
+Change = Literal["request", "queue"]
+
+
+class _Waiter:
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.seen: set[Change] = set()
+
+    def wake(self, change: Change) -> None:
+        self.seen.add(change)
+        self.event.set()
+
+
+class Changes:
+    """This process's waiters on store changes: a request's own (status, logs) or a move of the queue
+    (a waiting request left or came back, so positions changed). One notification source per
+    process wakes them, never a timer per waiter."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[_Waiter]] = {}
+        self._queue_waiters: set[_Waiter] = set()
+
+    def changed(self, request_id: str) -> None:
+        for waiter in self._waiters.get(request_id, ()):
+            waiter.wake("request")
+
+    def moved(self) -> None:
+        for waiter in self._queue_waiters:
+            waiter.wake("queue")
+
+    def everything(self) -> None:
+        """Anything may have changed (another process wrote, notifications were lost): every waiter
+        looks again, at the pace of queue moves."""
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.wake("queue")
+
+    def watched(self, request_id: str) -> bool:
+        """Whether a reader of this process waits on the request now."""
+        return bool(self._waiters.get(request_id))
+
+    async def wait(self, request_id: str, timeout_s: float, queue_moves: bool) -> Change | None:
+        """The first change seen within `timeout_s` ("request" wins over "queue"), or None."""
+        waiter = _Waiter()
+        self._waiters.setdefault(request_id, set()).add(waiter)
+        if queue_moves:
+            self._queue_waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter.event.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(request_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[request_id]
+            self._queue_waiters.discard(waiter)
+        return "request" if "request" in waiter.seen else ("queue" if waiter.seen else None)
+
+
 class RequestStore(ABC):
     """Priorities: a low-priority request starts only when no normal one waits, unless it has waited
     `low_priority_max_wait_s`: then it goes ahead of the normal ones submitted after it, so it never
@@ -95,13 +165,28 @@ class RequestStore(ABC):
     def __init__(self, ttl_s: float, low_priority_max_wait_s: float = 300.0) -> None:
         self.ttl_s = ttl_s
         self.low_priority_max_wait_s = low_priority_max_wait_s
+        self.changes = Changes()
+
+    async def wait_for_change(self, request_id: str, timeout_s: float, queue_moves: bool = False) -> Change | None:
+        """Wait up to `timeout_s` for a change of the request (or, with `queue_moves`, of its queue
+        position); what changed, or None."""
+        self._listen()
+        return await self.changes.wait(request_id, timeout_s, queue_moves)
+
+    def _listen(self) -> None:
+        """Start receiving other processes' change notifications (once per event loop)."""
 
     @abstractmethod
     async def enqueue(self, request: NewRequest, max_pending: int) -> int | None:
         """Queue position of the new request, or None (and nothing stored) when the queue is full."""
 
     @abstractmethod
-    async def get(self, request_id: str) -> RequestRecord | None: ...
+    async def get(self, request_id: str, logs: bool = True) -> RequestRecord | None:
+        """The record; its log entries only with `logs` (a status read fetches them with `logs_from`)."""
+
+    @abstractmethod
+    async def logs_from(self, request_id: str, start: int) -> list[LogEntry]:
+        """The request's log entries from index `start` on (entries are only ever appended)."""
 
     @abstractmethod
     async def claim(self, worker: str, lease_s: float) -> RequestRecord | None:
@@ -181,6 +266,67 @@ _ADDED_COLUMNS = {
     "created": "REAL NOT NULL DEFAULT 0",
 }
 
+# Per lane (0 normal, 1 low): how many wait, and how often a waiting request left or came back (a
+# "move": positions behind it changed). Triggers keep them, so no write path can forget to.
+_COUNTS = """
+CREATE INDEX IF NOT EXISTS requests_waiting ON requests (status, low, seq);
+CREATE TABLE IF NOT EXISTS queue_counts (lane INTEGER PRIMARY KEY, waiting INTEGER NOT NULL, moves INTEGER NOT NULL);
+INSERT OR IGNORE INTO queue_counts
+    SELECT lane, (SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE' AND low=lane), 0
+    FROM (SELECT 0 AS lane UNION ALL SELECT 1);
+CREATE TRIGGER IF NOT EXISTS queue_in AFTER INSERT ON requests WHEN NEW.status='IN_QUEUE' BEGIN
+    UPDATE queue_counts SET waiting=waiting+1 WHERE lane=NEW.low;
+END;
+CREATE TRIGGER IF NOT EXISTS queue_move AFTER UPDATE OF status ON requests
+WHEN (OLD.status='IN_QUEUE') != (NEW.status='IN_QUEUE') BEGIN
+    UPDATE queue_counts SET waiting=waiting+(CASE NEW.status WHEN 'IN_QUEUE' THEN 1 ELSE -1 END), moves=moves+1
+    WHERE lane=NEW.low;
+END;
+CREATE TRIGGER IF NOT EXISTS queue_out AFTER DELETE ON requests WHEN OLD.status='IN_QUEUE' BEGIN
+    UPDATE queue_counts SET waiting=waiting-1, moves=moves+1 WHERE lane=OLD.low;
+END;
+"""
+# A rebuild of the positions list scans the queue. Past EXACT_POSITIONS_UP_TO waiting requests at most
+# POSITIONS_SCAN_SHARE of the time goes to it (at 100k waiting a rebuild takes tens of ms, so
+# positions then lag a move by up to a few tenths of a second); below, positions are always exact.
+POSITIONS_SCAN_SHARE = 0.1
+EXACT_POSITIONS_UP_TO = 1000
+WATCH_INTERVAL_S = 0.1  # how often a process looks for other processes' commits (PRAGMA data_version)
+
+
+class _Positions:
+    """The seqs of the waiting requests per lane, in order: a position is a binary search. Rebuilt
+    when the queue moved (cost-bounded), extended with the requests enqueued since (read from the
+    primary key, so a read costs the number of new submits, not the queue's depth)."""
+
+    def __init__(self) -> None:
+        self.lanes: tuple[list[int], list[int]] = ([], [])
+        self.moves: tuple[int, int] | None = None
+        self.through = 0  # the highest seq looked at
+        self.next_rebuild = 0.0
+
+    def sync(self, db: sqlite3.Connection, moves: tuple[int, int]) -> None:
+        now = time.monotonic()
+        if moves != self.moves and now >= self.next_rebuild:
+            rows = db.execute("SELECT low, seq FROM requests WHERE status='IN_QUEUE' ORDER BY low, seq").fetchall()
+            self.lanes = ([seq for low, seq in rows if not low], [seq for low, seq in rows if low])
+            self.moves = moves
+            self.through = db.execute("SELECT COALESCE(MAX(seq), 0) FROM requests").fetchone()[0]
+            if len(rows) > EXACT_POSITIONS_UP_TO:
+                self.next_rebuild = now + (time.monotonic() - now) / POSITIONS_SCAN_SHARE
+            return
+        for low, seq in db.execute(
+            "SELECT low, seq FROM requests WHERE seq>? AND status='IN_QUEUE' ORDER BY seq", (self.through,)
+        ):
+            self.lanes[bool(low)].append(seq)
+            self.through = seq
+
+    def position(self, seq: int, low: bool, normal_waiting: int) -> int:
+        """Waiting requests ahead: normal ones first, then low ones."""
+        if low:
+            return normal_waiting + bisect.bisect_left(self.lanes[1], seq)
+        return bisect.bisect_left(self.lanes[0], seq)
+
 
 class SqliteRequestStore(RequestStore):
     """One SQLite file (WAL) shared by the replicas of one node; needs no server."""
@@ -197,6 +343,9 @@ class SqliteRequestStore(RequestStore):
             for column, kind in _ADDED_COLUMNS.items():  # a file written by an earlier version
                 if column not in columns:
                     self._db.execute(f"ALTER TABLE requests ADD COLUMN {column} {kind}")
+            self._db.executescript(_COUNTS)
+        self._positions = _Positions()
+        self._watching: asyncio.AbstractEventLoop | None = None
 
     async def _run(self, fn, *args, write: bool = True):
         def locked():
@@ -216,18 +365,18 @@ class SqliteRequestStore(RequestStore):
 
     async def enqueue(self, request: NewRequest, max_pending: int) -> int | None:
         def op(db: sqlite3.Connection) -> int | None:
-            waiting = db.execute("SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE'").fetchone()[0]
-            if waiting >= max_pending:
+            normal, low = self._waiting(db)
+            if normal + low >= max_pending:
                 return None
-            cursor = db.execute(
+            db.execute(
                 "INSERT INTO requests (id, request, status, low, created) VALUES (?, ?, 'IN_QUEUE', ?, ?)",
                 (request.id, request.model_dump_json(), request.priority == "low", request.created_at),
             )
-            return self._position(db, cursor.lastrowid, request.priority == "low")
+            return normal + low if request.priority == "low" else normal
 
         return await self._run(op)
 
-    async def get(self, request_id: str) -> RequestRecord | None:
+    async def get(self, request_id: str, logs: bool = True) -> RequestRecord | None:
         def op(db: sqlite3.Connection) -> RequestRecord | None:
             row = db.execute(
                 "SELECT seq, request, status, completion, expires_at, attempts, low FROM requests WHERE id=?",
@@ -238,14 +387,50 @@ class SqliteRequestStore(RequestStore):
             seq, request, status, completion, _, attempts, low = row
             record = RequestRecord(**json.loads(request), status=status, attempts=attempts)
             if status == "IN_QUEUE":
-                record.queue_position = self._position(db, seq, bool(low))
-            logs = db.execute("SELECT entry FROM logs WHERE id=? ORDER BY rowid", (request_id,)).fetchall()
-            record.logs = [LogEntry.model_validate_json(e) for (e,) in logs]
+                counts = db.execute("SELECT waiting, moves FROM queue_counts ORDER BY lane").fetchall()
+                self._positions.sync(db, (counts[0][1], counts[1][1]))
+                record.queue_position = self._positions.position(seq, bool(low), counts[0][0])
+            if logs:
+                record.logs = self._logs_from(db, request_id, 0)
             if completion is not None:
                 record.set_completion(Completion.model_validate_json(completion))
             return record
 
         return await self._run(op, write=False)
+
+    @staticmethod
+    def _logs_from(db: sqlite3.Connection, request_id: str, start: int) -> list[LogEntry]:
+        rows = db.execute("SELECT entry FROM logs WHERE id=? ORDER BY rowid LIMIT -1 OFFSET ?", (request_id, start))
+        return [LogEntry.model_validate_json(e) for (e,) in rows]
+
+    async def logs_from(self, request_id: str, start: int) -> list[LogEntry]:
+        return await self._run(lambda db: self._logs_from(db, request_id, start), write=False)
+
+    @staticmethod
+    def _waiting(db: sqlite3.Connection) -> tuple[int, int]:
+        """(normal, low) requests waiting."""
+        (normal,), (low,) = db.execute("SELECT waiting FROM queue_counts ORDER BY lane").fetchall()
+        return normal, low
+
+    def _listen(self) -> None:
+        # This process's own writes notify directly; another process's (a second ingress replica on
+        # the node) show up as a new PRAGMA data_version, looked at by one task per process.
+        loop = asyncio.get_running_loop()
+        if self._watching is not loop:
+            self._watching = loop
+            loop.create_task(self._watch(loop))
+
+    async def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        version = None
+        while self._watching is loop:
+            try:
+                seen = await self._run(lambda db: db.execute("PRAGMA data_version").fetchone()[0], write=False)
+            except sqlite3.ProgrammingError:  # closed
+                return
+            if version is not None and seen != version:
+                self.changes.everything()
+            version = seen
+            await asyncio.sleep(WATCH_INTERVAL_S)
 
     async def claim(self, worker: str, lease_s: float) -> RequestRecord | None:
         def op(db: sqlite3.Connection) -> str | None:
@@ -263,7 +448,15 @@ class SqliteRequestStore(RequestStore):
             return row[0]
 
         claimed = await self._run(op)
-        return await self.get(claimed) if claimed else None
+        if not claimed:
+            return None
+        self._moved(claimed)
+        return await self.get(claimed, logs=False)
+
+    def _moved(self, *request_ids: str) -> None:
+        for request_id in request_ids:
+            self.changes.changed(request_id)
+        self.changes.moved()
 
     async def renew(self, request_id: str, worker: str, lease_s: float) -> bool:
         def op(db: sqlite3.Connection) -> bool:
@@ -274,12 +467,6 @@ class SqliteRequestStore(RequestStore):
             return cursor.rowcount == 1
 
         return await self._run(op)
-
-    @staticmethod
-    def _position(db: sqlite3.Connection, seq: int, low: bool) -> int:
-        """Waiting requests ahead of this one: normal ones first, then low ones."""
-        ahead = "low=0 AND seq<?" if not low else "(low=0 OR seq<?)"
-        return db.execute(f"SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE' AND {ahead}", (seq,)).fetchone()[0]
 
     @staticmethod
     def _holds(db: sqlite3.Connection, request_id: str, worker: str) -> bool:
@@ -295,7 +482,12 @@ class SqliteRequestStore(RequestStore):
             )
             return True
 
-        return await self._run(op)
+        return self._changed(request_id, await self._run(op))
+
+    def _changed(self, request_id: str, changed: bool) -> bool:
+        if changed:
+            self.changes.changed(request_id)
+        return changed
 
     def _complete(self, db: sqlite3.Connection, request_id: str, completion: Completion) -> None:
         db.execute(
@@ -311,7 +503,7 @@ class SqliteRequestStore(RequestStore):
             self._complete(db, request_id, completion)
             return True
 
-        return await self._run(op)
+        return self._changed(request_id, await self._run(op))
 
     async def release(self, request_id: str, worker: str) -> bool:
         def op(db: sqlite3.Connection) -> bool:
@@ -323,7 +515,10 @@ class SqliteRequestStore(RequestStore):
             )
             return cursor.rowcount == 1
 
-        return await self._run(op)
+        released = await self._run(op)
+        if released:
+            self._moved(request_id)
+        return released
 
     async def cancel(self, request_id: str) -> CancelOutcome:
         def op(db: sqlite3.Connection) -> CancelOutcome:
@@ -338,7 +533,10 @@ class SqliteRequestStore(RequestStore):
             db.execute("UPDATE requests SET cancel=1 WHERE id=?", (request_id,))
             return "requested"
 
-        return await self._run(op)
+        outcome = await self._run(op)
+        if outcome == "removed":
+            self._moved(request_id)
+        return outcome
 
     async def cancel_requested(self, request_id: str) -> bool:
         def op(db: sqlite3.Connection) -> bool:
@@ -359,7 +557,10 @@ class SqliteRequestStore(RequestStore):
             db.executemany("UPDATE requests SET status='IN_QUEUE', worker=NULL WHERE id=?", [(i,) for i in ids])
             return ids
 
-        return await self._run(op)
+        ids = await self._run(op)
+        if ids:
+            self._moved(*ids)
+        return ids
 
     async def delete(self, request_id: str) -> None:
         def op(db: sqlite3.Connection) -> None:
@@ -367,48 +568,65 @@ class SqliteRequestStore(RequestStore):
             db.execute("DELETE FROM logs WHERE id=?", (request_id,))
 
         await self._run(op)
+        self.changes.changed(request_id)
 
     async def pending(self) -> int:
-        return await self._run(
-            lambda db: db.execute("SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE'").fetchone()[0], write=False
-        )
+        return sum(await self._run(self._waiting, write=False))
 
     async def close(self) -> None:
+        self._watching = None
         with self._lock:
             self._db.close()
 
 
 # --------------------------------------------------------------------------- Redis
 
-# Two waiting lists: KEYS[1] (normal) and KEYS[1]..':low'; a record's 'priority' says which is its.
+# Two waiting sets, KEYS[1] (normal) and KEYS[1]..':low', each a sorted set scored by the request's
+# submit sequence: a position is a ZRANK and a cancel a ZREM (both O(log n)), and a request handed
+# back goes to its old place. A record's 'priority' and 'seq' say which set and where. Every change
+# is published on CHANNEL: the request's id, and MOVED when waiting requests' positions changed.
+_LANE = """
+local function lane(base, rec)
+  if redis.call('HGET', rec, 'priority') == 'low' then return base .. ':low' end
+  return base
+end
+local function back_in_queue(base, rec, id)
+  redis.call('HSET', rec, 'status', 'IN_QUEUE', 'worker', '')
+  redis.call('ZADD', lane(base, rec), tonumber(redis.call('HGET', rec, 'seq') or '0'), id)
+end
+"""
 _ENQUEUE = """
 local low = KEYS[1] .. ':low'
-if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', low) >= tonumber(ARGV[2]) then return -1 end
-redis.call('HSET', KEYS[2], 'request', ARGV[3], 'status', 'IN_QUEUE', 'priority', ARGV[4], 'created', ARGV[5])
+if redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', low) >= tonumber(ARGV[2]) then return -1 end
+local seq = redis.call('INCR', KEYS[1] .. ':seq')
+redis.call('HSET', KEYS[2], 'request', ARGV[3], 'status', 'IN_QUEUE', 'priority', ARGV[4], 'created', ARGV[5],
+           'seq', seq)
 if ARGV[4] == 'low' then
-  redis.call('RPUSH', low, ARGV[1])
-  return redis.call('LLEN', KEYS[1]) + redis.call('LLEN', low) - 1
+  redis.call('ZADD', low, seq, ARGV[1])
+  return redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', low) - 1
 end
-redis.call('RPUSH', KEYS[1], ARGV[1])
-return redis.call('LLEN', KEYS[1]) - 1
+redis.call('ZADD', KEYS[1], seq, ARGV[1])
+return redis.call('ZCARD', KEYS[1]) - 1
 """
 # ARGV[4]: a low-priority request created before this time has waited long enough to go first.
 _CLAIM = """
 local low = KEYS[1] .. ':low'
 while true do
   local list = KEYS[1]
-  local oldest_low = redis.call('LINDEX', low, 0)
+  local oldest_low = redis.call('ZRANGE', low, 0, 0)[1]
   if oldest_low then
     local created = tonumber(redis.call('HGET', ARGV[1] .. 'r:' .. oldest_low, 'created') or '0')
-    if redis.call('LLEN', KEYS[1]) == 0 or created < tonumber(ARGV[4]) then list = low end
+    if redis.call('ZCARD', KEYS[1]) == 0 or created < tonumber(ARGV[4]) then list = low end
   end
-  local id = redis.call('LPOP', list)
+  local id = redis.call('ZPOPMIN', list)[1]
   if not id then return false end
   local rec = ARGV[1] .. 'r:' .. id
   if redis.call('HGET', rec, 'status') == 'IN_QUEUE' then
     redis.call('HSET', rec, 'status', 'IN_PROGRESS', 'worker', ARGV[2])
     redis.call('HINCRBY', rec, 'attempts', 1)
     redis.call('ZADD', KEYS[2], ARGV[3], id)
+    redis.call('PUBLISH', ARGV[5], id)
+    redis.call('PUBLISH', ARGV[5], ARGV[6])
     return id
   end
 end
@@ -430,24 +648,25 @@ redis.call('HSET', KEYS[2], 'status', 'COMPLETED', 'worker', '', 'completion', A
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('PUBLISH', ARGV[5], ARGV[1])
 return 1
 """
 _APPEND_LOGS = """
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
   return 0
 end
-for i = 2, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
-_RELEASE = """
+_RELEASE = _LANE + """
 if redis.call('HGET', KEYS[3], 'worker') ~= ARGV[2] or redis.call('HGET', KEYS[3], 'status') ~= 'IN_PROGRESS' then
   return 0
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[3], 'status', 'IN_QUEUE', 'worker', '')
-local list = KEYS[1]
-if redis.call('HGET', KEYS[3], 'priority') == 'low' then list = list .. ':low' end
-redis.call('LPUSH', list, ARGV[1])
+back_in_queue(KEYS[1], KEYS[3], ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 _CANCEL = """
@@ -455,37 +674,57 @@ local status = redis.call('HGET', KEYS[2], 'status')
 if not status then return 'unknown' end
 if status == 'COMPLETED' then return 'completed' end
 if status == 'IN_QUEUE' then
-  redis.call('LREM', KEYS[1], 0, ARGV[1])
-  redis.call('LREM', KEYS[1] .. ':low', 0, ARGV[1])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[1] .. ':low', ARGV[1])
   redis.call('HSET', KEYS[2], 'status', 'COMPLETED', 'completion', ARGV[2])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
   redis.call('EXPIRE', KEYS[3], ARGV[3])
+  redis.call('PUBLISH', ARGV[4], ARGV[1])
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
   return 'removed'
 end
 redis.call('HSET', KEYS[2], 'cancel', '1')
 return 'requested'
 """
-_REQUEUE = """
+_REQUEUE = _LANE + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
-for i = #ids, 1, -1 do
-  local id = ids[i]
+for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[2], id)
   local rec = ARGV[1] .. 'r:' .. id
   if redis.call('HGET', rec, 'status') == 'IN_PROGRESS' then
-    redis.call('HSET', rec, 'status', 'IN_QUEUE', 'worker', '')
-    local list = KEYS[1]
-    if redis.call('HGET', rec, 'priority') == 'low' then list = list .. ':low' end
-    redis.call('LPUSH', list, id)
+    back_in_queue(KEYS[1], rec, id)
+    redis.call('PUBLISH', ARGV[3], id)
   end
 end
+if #ids > 0 then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return ids
 """
+# Waiting lists of an earlier version (plain lists under KEYS[3]): into the sorted sets, in order.
+_MIGRATE = """
+for i, list in ipairs({KEYS[3], KEYS[3] .. ':low'}) do
+  local target = KEYS[1]
+  if i == 2 then target = KEYS[1] .. ':low' end
+  if redis.call('TYPE', list).ok == 'list' then
+    for _, id in ipairs(redis.call('LRANGE', list, 0, -1)) do
+      local seq = redis.call('INCR', KEYS[1] .. ':seq')
+      redis.call('HSET', ARGV[1] .. 'r:' .. id, 'seq', seq)
+      redis.call('ZADD', target, seq, id)
+    end
+    redis.call('DEL', list)
+  end
+end
+return 1
+"""
+RECONNECT_S = 1.0  # after a lost notification connection, how long before subscribing again
+REDIS_CONNECTIONS = 64  # per process
+REDIS_POOL_WAIT_S = 20.0
 
 
 class RedisRequestStore(RequestStore):
     """Redis: shared by replicas on every node; records expire through Redis TTLs."""
 
     PREFIX = "srpo:queue:"
+    MOVED = "*"  # published when positions changed (request ids never contain it at the start)
 
     def __init__(self, url: str, ttl_s: float, low_priority_max_wait_s: float = 300.0) -> None:
         import redis.asyncio as aioredis  # only deployments that use Redis need the package
@@ -496,18 +735,24 @@ class RedisRequestStore(RequestStore):
         super().__init__(ttl_s, low_priority_max_wait_s)
         # After a Redis restart the pool's connections are dead: check one idle for a second before use
         # (a PING, reconnecting if needed), and retry a command that meets a closed connection.
-        self._redis = aioredis.Redis.from_url(
-            url, decode_responses=True, health_check_interval=1,
+        # Hundreds of held status reads wake at once on a queue move: past REDIS_CONNECTIONS, a command
+        # waits for a free connection (up to REDIS_POOL_WAIT_S) instead of failing.
+        self._redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            url, decode_responses=True, health_check_interval=1, max_connections=REDIS_CONNECTIONS,
+            timeout=REDIS_POOL_WAIT_S,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 5), retry_on_error=[ConnectionError, TimeoutError],
-        )
-        self._pending = self.PREFIX + "pending"
-        self._pending_low = self._pending + ":low"  # the scripts derive the same name
+        ))
+        self._waiting = self.PREFIX + "waiting"
+        self._waiting_low = self._waiting + ":low"  # the scripts derive the same name
         self._running = self.PREFIX + "running"
+        self._channel = self.PREFIX + "changes"
+        self._migrated = False
+        self._listening: asyncio.AbstractEventLoop | None = None
         self._scripts = {
             name: self._redis.register_script(src)
             for name, src in [("enqueue", _ENQUEUE), ("claim", _CLAIM), ("renew", _RENEW), ("complete", _COMPLETE),
                               ("cancel", _CANCEL), ("requeue", _REQUEUE), ("append_logs", _APPEND_LOGS),
-                              ("release", _RELEASE)]
+                              ("release", _RELEASE), ("migrate", _MIGRATE)]
         }
 
     def _rec(self, request_id: str) -> str:
@@ -520,26 +765,62 @@ class RedisRequestStore(RequestStore):
     def _ttl(self) -> int:
         return max(1, round(self.ttl_s))
 
+    async def _migrate(self) -> None:
+        if not self._migrated:
+            await self._scripts["migrate"](keys=[self._waiting, self._running, self.PREFIX + "pending"],
+                                           args=[self.PREFIX])
+            self._migrated = True
+
+    def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._listening is not loop:
+            self._listening = loop
+            loop.create_task(self._follow(loop))
+
+    async def _follow(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One subscription per process turns the channel's messages into wake-ups."""
+        while self._listening is loop:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self._channel)
+                    self.changes.everything()  # anything published before the subscription
+                    async for message in pubsub.listen():
+                        if message["data"] == self.MOVED:
+                            self.changes.moved()
+                        else:
+                            self.changes.changed(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if self._listening is not loop:
+                    return
+                logger.warning("lost the store's change notifications; subscribing again", exc_info=True)
+                self.changes.everything()
+                await asyncio.sleep(RECONNECT_S)
+
     async def enqueue(self, request: NewRequest, max_pending: int) -> int | None:
+        await self._migrate()
         position = await self._scripts["enqueue"](
-            keys=[self._pending, self._rec(request.id)],
+            keys=[self._waiting, self._rec(request.id)],
             args=[request.id, max_pending, request.model_dump_json(), request.priority, request.created_at],
         )
         return None if position < 0 else int(position)
 
-    async def get(self, request_id: str) -> RequestRecord | None:
+    async def get(self, request_id: str, logs: bool = True) -> RequestRecord | None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(self._rec(request_id))
-            pipe.lrange(self._logs(request_id), 0, -1)
-            pipe.lpos(self._pending, request_id)
-            pipe.lpos(self._pending_low, request_id)
-            pipe.llen(self._pending)
-            fields, logs, position, low_position, normal_waiting = await pipe.execute()
+            pipe.zrank(self._waiting, request_id)
+            pipe.zrank(self._waiting_low, request_id)
+            pipe.zcard(self._waiting)
+            if logs:
+                pipe.lrange(self._logs(request_id), 0, -1)
+            fields, position, low_position, normal_waiting, *entries = await pipe.execute()
         if not fields.get("request"):
             return None
         record = RequestRecord(**json.loads(fields["request"]), status=fields["status"],
                                attempts=int(fields.get("attempts") or 0))
-        record.logs = [LogEntry.model_validate_json(e) for e in logs]
+        if entries:
+            record.logs = [LogEntry.model_validate_json(e) for e in entries[0]]
         if record.status == "IN_QUEUE":
             if low_position is not None:  # behind every normal request (see RequestStore)
                 position = normal_waiting + low_position
@@ -548,12 +829,17 @@ class RedisRequestStore(RequestStore):
             record.set_completion(Completion.model_validate_json(fields["completion"]))
         return record
 
+    async def logs_from(self, request_id: str, start: int) -> list[LogEntry]:
+        return [LogEntry.model_validate_json(e) for e in await self._redis.lrange(self._logs(request_id), start, -1)]
+
     async def claim(self, worker: str, lease_s: float) -> RequestRecord | None:
+        await self._migrate()
         claimed = await self._scripts["claim"](
-            keys=[self._pending, self._running],
-            args=[self.PREFIX, worker, time.time() + lease_s, time.time() - self.low_priority_max_wait_s],
+            keys=[self._waiting, self._running],
+            args=[self.PREFIX, worker, time.time() + lease_s, time.time() - self.low_priority_max_wait_s,
+                  self._channel, self.MOVED],
         )
-        return await self.get(claimed) if claimed else None
+        return await self.get(claimed, logs=False) if claimed else None
 
     async def renew(self, request_id: str, worker: str, lease_s: float) -> bool:
         renewed = await self._scripts["renew"](
@@ -563,37 +849,42 @@ class RedisRequestStore(RequestStore):
 
     async def append_logs(self, request_id: str, worker: str, entries: list[LogEntry]) -> bool:
         return bool(await self._scripts["append_logs"](
-            keys=[self._rec(request_id), self._logs(request_id)], args=[worker, *(e.model_dump_json() for e in entries)]
+            keys=[self._rec(request_id), self._logs(request_id)],
+            args=[worker, self._channel, request_id, *(e.model_dump_json() for e in entries)],
         ))
 
     async def complete(self, request_id: str, completion: Completion, worker: str | None = None) -> bool:
         return bool(await self._scripts["complete"](
             keys=[self._running, self._rec(request_id), self._logs(request_id)],
-            args=[request_id, completion.model_dump_json(), self._ttl, worker or ""],
+            args=[request_id, completion.model_dump_json(), self._ttl, worker or "", self._channel],
         ))
 
     async def release(self, request_id: str, worker: str) -> bool:
         return bool(await self._scripts["release"](
-            keys=[self._pending, self._running, self._rec(request_id)], args=[request_id, worker]
+            keys=[self._waiting, self._running, self._rec(request_id)],
+            args=[request_id, worker, self._channel, self.MOVED],
         ))
 
     async def cancel(self, request_id: str) -> CancelOutcome:
         return await self._scripts["cancel"](
-            keys=[self._pending, self._rec(request_id), self._logs(request_id)],
-            args=[request_id, CANCELLED.model_dump_json(), self._ttl],
+            keys=[self._waiting, self._rec(request_id), self._logs(request_id)],
+            args=[request_id, CANCELLED.model_dump_json(), self._ttl, self._channel, self.MOVED],
         )
 
     async def cancel_requested(self, request_id: str) -> bool:
         return await self._redis.hget(self._rec(request_id), "cancel") == "1"
 
     async def requeue_expired(self) -> list[str]:
-        return await self._scripts["requeue"](keys=[self._pending, self._running], args=[self.PREFIX, time.time()])
+        return await self._scripts["requeue"](keys=[self._waiting, self._running],
+                                              args=[self.PREFIX, time.time(), self._channel, self.MOVED])
 
     async def delete(self, request_id: str) -> None:
         await self._redis.delete(self._rec(request_id), self._logs(request_id))
+        await self._redis.publish(self._channel, request_id)
 
     async def pending(self) -> int:
-        return await self._redis.llen(self._pending) + await self._redis.llen(self._pending_low)
+        return await self._redis.zcard(self._waiting) + await self._redis.zcard(self._waiting_low)
 
     async def close(self) -> None:
+        self._listening = None
         await self._redis.aclose()

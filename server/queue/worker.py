@@ -62,7 +62,6 @@ class QueueWorker:
         self._running: dict[str, asyncio.Task] = {}
         self._background: set[asyncio.Task] = set()  # webhook deliveries
         self._wake = asyncio.Event()
-        self._change = asyncio.Event()  # replaced on every change; waiters hold the old one
         self._loop_task: asyncio.Task | None = None
         self._sweep_task: asyncio.Task | None = None
 
@@ -97,18 +96,6 @@ class QueueWorker:
     def wake(self) -> None:
         self._wake.set()
 
-    async def wait_for_change(self, timeout_s: float) -> None:
-        """Return when this replica changed a record (or after `timeout_s`: other replicas' changes
-        are only seen by polling the store)."""
-        try:
-            await asyncio.wait_for(self._change.wait(), timeout_s)
-        except TimeoutError:
-            pass
-
-    def _changed(self) -> None:
-        self._change.set()
-        self._change = asyncio.Event()
-
     async def _loop(self) -> None:
         next_sweep = next_report = 0.0
         while True:
@@ -124,7 +111,6 @@ class QueueWorker:
                 if len(self._running) < self.settings.queue_concurrency and self.service.backend.has_room():
                     record = await self.store.claim(self.worker_id, self.settings.queue_lease_s)
                     if record is not None:
-                        self._changed()
                         task = asyncio.get_running_loop().create_task(self._start(record))
                         self._running[record.id] = task
                         task.add_done_callback(lambda _, rid=record.id: self._finished(rid))
@@ -218,7 +204,6 @@ class QueueWorker:
         stored = await self._until_store_answers(lambda: self.payloads.store_result(record.id, completion), record.id)
         done = await self._until_store_answers(
             lambda: self.store.complete(record.id, stored, worker=self.worker_id), record.id)
-        self._changed()
         if done:  # a late worker's result is dropped: one completion, one webhook
             self.notify(record, completion)
             failed = completion.code != 200
@@ -264,7 +249,6 @@ class QueueWorker:
         entries = pending_logs[:]
         held = await self.store.append_logs(request_id, self.worker_id, entries)
         del pending_logs[: len(entries)]
-        self._changed()
         return held
 
     def notify(self, record: RequestRecord, completion: Completion) -> None:

@@ -1,0 +1,283 @@
+"""The front door under many waiting clients (issue 25), loopback only, bounded in time.
+
+    .venv/bin/python -m benchmarks.front_door [--seconds 5] [--clients 500] [--depths 0,10000,100000]
+
+In one run: the floor (a bare uvicorn app answering a status-sized JSON), then per store (SQLite,
+Redis) one Serve instance as it ships (HAProxy ingress, throughput-optimized, tiny model) and, per
+queue depth (requests waiting, filled through the store): the trivial route (/livez) and the status
+route of waiting requests (rps, p99; closed loop), submits, cancels, and N emulated fal Python
+clients, each re-polling its waiting request's status 0.1 s after every answer (errors, p99 of the
+answers less the deliberate hold, and how late each client saw positions change after the
+benchmark moved the queue). Prints a markdown table; writes JSON with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Iterator
+
+from models.tiny import ensure_tiny_model
+from server.queue.store import NewRequest, RedisRequestStore, RequestStore, SqliteRequestStore
+from settings import get_settings
+from tests.harness import free_port, running_serve, tiny_env
+
+SUBMIT = json.dumps({"prompt": "x", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}).encode()
+STATUS = "/queue/fal-ai/flux/requests/{}/status"
+POLL_GAP_S = 0.1  # fal_client's pause between status polls
+CONNECTIONS = 32
+FLOOR_APP = '''
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+app = FastAPI()
+BODY = {"status": "IN_QUEUE", "queue_position": 7, "request_id": "0" * 36, "response_url": "x" * 80,
+        "status_url": "x" * 90, "cancel_url": "x" * 90}
+@app.get("/livez")
+async def livez():
+    return JSONResponse(BODY)
+'''
+
+
+class Http:
+    """A minimal HTTP/1.1 keep-alive client (the load generator shares the machine: keep it cheap)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def call(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+        if body:
+            head += "Content-Type: application/json\r\n"
+        self.writer.write(head.encode() + b"\r\n" + body)
+        status_line = await self.reader.readline()
+        if not status_line:
+            self.writer = None
+            raise ConnectionError("closed")
+        length, chunked = 0, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+            elif name.lower() == "transfer-encoding" and "chunked" in value:
+                chunked = True
+        if chunked:
+            data = b""
+            while (size := int((await self.reader.readline()).strip(), 16)) > 0:
+                data += await self.reader.readexactly(size + 2)
+            await self.reader.readline()
+        else:
+            data = await self.reader.readexactly(length)
+        return int(status_line.split()[1]), data
+
+
+def p99(values: list[float]) -> float:
+    return sorted(values)[int(0.99 * (len(values) - 1))] * 1000 if values else float("nan")
+
+
+async def closed_loop(port: int, paths, seconds: float, method: str = "GET", body: bytes = b"") -> dict:
+    """CONNECTIONS clients, each sending the next request as soon as the previous one is answered."""
+    latencies, errors, stop = [], 0, time.monotonic() + seconds
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        http = Http(port)
+        n = 0
+        while time.monotonic() < stop:
+            began = time.monotonic()
+            try:
+                code, _ = await http.call(method, paths(i, n), body)
+            except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+                errors += 1
+                http = Http(port)
+                continue
+            n += 1
+            if code >= 400:
+                errors += 1
+            latencies.append(time.monotonic() - began)
+
+    await asyncio.gather(*(one(i) for i in range(CONNECTIONS)))
+    return {"rps": round(len(latencies) / seconds), "p99_ms": round(p99(latencies), 1), "errors": errors}
+
+
+async def waiting_clients(port: int, ids: list[str], head: list[str], seconds: float, store: RequestStore,
+                          hold_s: float) -> dict:
+    """One emulated fal Python client per id; meanwhile the benchmark cancels the head of the queue
+    once a second and notes how late each client sees its position drop."""
+    latencies, errors, lags = [], 0, []
+    moves: list[float] = []
+    stop = time.monotonic() + seconds
+
+    async def client(request_id: str) -> None:
+        nonlocal errors
+        http, last, last_at = Http(port), None, time.monotonic()
+        while time.monotonic() < stop:
+            began = time.monotonic()
+            try:
+                code, data = await http.call("GET", STATUS.format(request_id))
+            except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+                errors += 1
+                http = Http(port)
+                continue
+            took = time.monotonic() - began
+            if code >= 400:
+                errors += 1
+            else:
+                position = json.loads(data).get("queue_position")
+                changed = last is not None and position != last
+                # A repeated ask may be held by design (up to hold_s): what counts is the time beyond it.
+                latencies.append(took if last is None else max(0.0, took - hold_s))
+                if changed:
+                    moved = [m for m in moves if last_at - POLL_GAP_S <= m]
+                    if moved:
+                        lags.append(time.monotonic() - moved[0])
+                last, last_at = position, time.monotonic()
+            await asyncio.sleep(POLL_GAP_S)
+
+    async def mover(head: list[str]) -> None:
+        while time.monotonic() < stop - 1 and head:
+            await asyncio.sleep(1.0)
+            moves.append(time.monotonic())
+            await store.cancel(head.pop(0))
+
+    await asyncio.gather(mover(head), *(client(i) for i in ids))
+    return {"clients": len(ids), "errors": errors, "status_p99_beyond_hold_ms": round(p99(latencies), 1),
+            "position_lag_max_s": round(max(lags), 2) if lags else None, "position_changes_seen": len(lags)}
+
+
+def _request() -> NewRequest:
+    return NewRequest(id=str(uuid.uuid4()), endpoint="fal-ai/flux/srpo", base_url="http://127.0.0.1",
+                      input={"prompt": "x", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 1})
+
+
+async def fill(store: RequestStore, count: int) -> list[str]:
+    ids = []
+    for start in range(0, count, 500):
+        batch = [_request() for _ in range(min(500, count - start))]
+        await asyncio.gather(*(store.enqueue(r, 10**9) for r in batch))
+        ids += [r.id for r in batch]
+    return ids
+
+
+@contextmanager
+def floor_server() -> Iterator[int]:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "floor_app.py").write_text(FLOOR_APP)
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "floor_app:app", "--port", str(port),
+                                 "--host", "127.0.0.1", "--log-level", "warning", "--no-access-log"], cwd=folder)
+        try:
+            import httpx
+            for _ in range(200):
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/livez")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", folder], stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(0.5)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def run_store(kind: str, args, rows: list[dict]) -> None:
+    state = Path(tempfile.mkdtemp(prefix="front-door-"))
+    with (redis_server() if kind == "redis" else nullcontext()) as url:
+        extra = {"SRPO_REDIS_URL": url} if url else {}
+        tiny_root = get_settings().tiny_dir
+        ensure_tiny_model(tiny_root)  # once, before the replicas look for it
+        env = tiny_env(tiny_root, state, SRPO_QUEUE_MAX_PENDING="1000000",
+                       SRPO_QUEUE_CONCURRENCY="1", **extra)
+        with running_serve(env) as base:
+            port = int(base.rsplit(":", 1)[1])
+            hold_s = get_settings().queue_status_hold_s
+
+            async def scenario() -> None:
+                store = (RedisRequestStore(url, 3600) if url
+                         else SqliteRequestStore(state / "queue" / "requests.sqlite3", 3600))
+                waiting: list[str] = []
+                for depth in args.depths:
+                    waiting += await fill(store, depth - len(waiting))
+                    sample = waiting[-5000:] or await fill(store, 50)
+                    row = {"store": kind, "depth": depth,
+                           "trivial": await closed_loop(port, lambda i, n: "/livez", args.seconds),
+                           "status": await closed_loop(
+                               port, lambda i, n: STATUS.format(sample[(i * 997 + n * CONNECTIONS) % len(sample)]),
+                               args.seconds),
+                           "submit": await closed_loop(port, lambda i, n: "/queue/fal-ai/flux/srpo", args.seconds,
+                                                       "POST", SUBMIT)}
+                    cancels = waiting[len(waiting) // 2:][:300] or await fill(store, 300)
+                    gone = set(cancels)
+                    waiting = [w for w in waiting if w not in gone]
+                    it = iter(cancels)
+                    row["cancel"] = await closed_loop(port, lambda i, n: STATUS.format(next(it, "gone"))[:-7] + "/cancel",
+                                                      min(args.seconds, 2), "PUT")
+                    head = await fill(store, 10)  # ahead of the clients: the benchmark cancels these
+                    clients = await fill(store, args.clients)
+                    row["waiting_clients"] = await waiting_clients(port, clients, head, args.seconds * 2, store,
+                                                                   hold_s)
+                    for request_id in head + clients:
+                        await store.cancel(request_id)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                await store.close()
+
+            asyncio.run(scenario())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--clients", type=int, default=500)
+    parser.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",")], default=[0, 10_000, 100_000])
+    parser.add_argument("--stores", default="sqlite,redis")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    with floor_server() as port:
+        floor = asyncio.run(closed_loop(port, lambda i, n: "/livez", args.seconds))
+    print(json.dumps({"floor": floor}), flush=True)
+    rows: list[dict] = []
+    for kind in args.stores.split(","):
+        run_store(kind, args, rows)
+    load = os.getloadavg()
+    print(f"\nfloor (bare uvicorn): {floor['rps']} rps, p99 {floor['p99_ms']} ms; load average {load[0]:.1f}\n")
+    print("| store | waiting | /livez rps (% floor) | p99 | status rps | p99 | submits/s | p99 | cancel p99 "
+          "| clients: errors | status p99 beyond hold | position lag max |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t, s, u, c, w = r["trivial"], r["status"], r["submit"], r["cancel"], r["waiting_clients"]
+        print(f"| {r['store']} | {r['depth']} | {t['rps']} ({100 * t['rps'] / floor['rps']:.0f}%) | {t['p99_ms']} "
+              f"| {s['rps']} | {s['p99_ms']} | {u['rps']} | {u['p99_ms']} | {c['p99_ms']} | {w['errors']} "
+              f"| {w['status_p99_beyond_hold_ms']} | {w['position_lag_max_s']} s |")
+    if args.out:
+        args.out.write_text(json.dumps({"floor": floor, "rows": rows, "load_average": load}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Status reads whose cost follows what changed, not how often clients ask.
+
+fal's Python client asks for a waiting request's status 0.1 s after each answer; the JS client
+every 0.5 s or over a stream. A repeated ask (same request and `logs` flag, within
+REPEAT_WINDOW_S of the previous answer) whose answer has not changed is held until the store
+announces a change or `hold_s` passes: a long poll. The client gets the same answers, only fewer
+repeats of them, and one ask on its own is answered at once. A change of queue position alone is
+answered at most every POSITION_GAP_S (positions move with every claim). Log entries are read
+from the store from where this process's copy ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from api.queue_schemas import LogEntry, QueueStatus, QueueUrls
+from server.queue.store import RequestRecord, RequestStore
+
+REPEAT_WINDOW_S = 1.0
+POSITION_GAP_S = 0.4
+REMEMBERED = 20_000  # requests whose last answer and logs this process keeps (least recent go first)
+
+
+def status_body(record: RequestRecord, base: str, logs: bool) -> QueueStatus:
+    metrics = None
+    if record.status == "COMPLETED" and record.inference_time is not None:
+        metrics = {"inference_time": record.inference_time}
+    return QueueStatus(
+        **QueueUrls.for_request(base, record.id).model_dump(),
+        status=record.status,
+        queue_position=record.queue_position if record.status == "IN_QUEUE" else None,
+        logs=record.logs if logs and record.status != "IN_QUEUE" else None,
+        metrics=metrics,
+        error=record.error,
+        error_type=record.error_type,
+    )
+
+
+@dataclass
+class _Answer:
+    body: dict[str, Any]
+    at: float
+
+
+class _Recent(OrderedDict):
+    def remember(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > REMEMBERED:
+            self.popitem(last=False)
+
+
+class StatusReads:
+    def __init__(self, store: RequestStore, hold_s: float) -> None:
+        self.store = store
+        self.hold_s = hold_s
+        self._logs: _Recent = _Recent()  # request id -> its log entries so far
+        self._answers: _Recent = _Recent()  # (request id, logs flag) -> the last answer
+
+    async def read(self, request_id: str, with_logs: bool) -> RequestRecord | None:
+        record = await self.store.get(request_id, logs=False)
+        if record is not None and with_logs and record.status != "IN_QUEUE":
+            entries: list[LogEntry] = self._logs.get(request_id, [])
+            entries = entries + await self.store.logs_from(request_id, len(entries))
+            self._logs.remember(request_id, entries)
+            record.logs = entries
+        return record
+
+    async def wait(self, record: RequestRecord, timeout_s: float, answered_at: float) -> bool:
+        """Wait for a change of the request (up to `timeout_s`); False when none came."""
+        change = await self.store.wait_for_change(record.id, timeout_s, queue_moves=record.status == "IN_QUEUE")
+        if change == "queue":  # coalesced: a few answers a second, however fast the queue moves
+            await asyncio.sleep(max(0.0, min(answered_at + POSITION_GAP_S - time.monotonic(), timeout_s)))
+        return change is not None
+
+    async def answer(self, request_id: str, base: str, with_logs: bool) -> tuple[RequestRecord, dict] | None:
+        """The record and its status body, held while a repeated ask would get the same answer."""
+        record = await self.read(request_id, with_logs)
+        if record is None:
+            return None
+        body = status_body(record, base, with_logs).body()
+        key = (request_id, with_logs)
+        before: _Answer | None = self._answers.get(key)
+        now = time.monotonic()
+        if (self.hold_s > 0 and before is not None and before.body == body and record.status != "COMPLETED"
+                and now - before.at <= REPEAT_WINDOW_S):
+            deadline = now + self.hold_s
+            while (left := deadline - time.monotonic()) > 0 and await self.wait(record, left, before.at):
+                record = await self.read(request_id, with_logs)
+                if record is None:
+                    return None
+                body = status_body(record, base, with_logs).body()
+                if body != before.body:
+                    break
+        self._answers.remember(key, _Answer(body, time.monotonic()))
+        return record, body

@@ -1,0 +1,95 @@
+"""Long-polled status reads through the real HTTP app and request store (SQLite and Redis): an ask
+repeated soon with nothing changed is held until another replica changes the request or the
+queue, and answers with the change; an ask on its own is answered at once."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from api.queue_schemas import LogEntry
+from server.app import build_app
+from server.queue.store import RedisRequestStore, RequestStore, SqliteRequestStore
+from server.service import SRPOService
+from settings import Settings, get_settings
+
+REQUESTS = "/queue/fal-ai/flux/requests"
+BODY = {"prompt": "a red fox", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
+HOLD_S = 30.0  # far longer than any wait below: an answer before a change is not the bound passing
+
+
+class AllBusy:
+    """A backend whose Denoisers are all busy: this replica claims nothing, requests stay queued."""
+
+    async def generate(self, *args, **kwargs):
+        raise AssertionError("nothing may run here")
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return False
+
+    def has_room(self) -> bool:
+        return False
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def stores(request, tmp_path: Path) -> tuple[Settings, callable]:
+    settings = get_settings().model_copy(update={
+        "storage_dir": tmp_path / "files", "queue_db_path": tmp_path / "requests.sqlite3",
+        "queue_status_hold_s": HOLD_S})
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        redis.Redis.from_url(url).flushdb()
+        return settings, lambda: RedisRequestStore(url, settings.result_ttl_s)
+    return settings, lambda: SqliteRequestStore(settings.queue_db_path, settings.result_ttl_s)
+
+
+async def _held(store: RequestStore, ask: asyncio.Task, request_id: str) -> None:
+    """Wait until `ask` is held on the request (bounded)."""
+    for _ in range(400):
+        if store.changes.watched(request_id):
+            return
+        assert not ask.done(), f"answered at once: {ask.result().json()}"
+        await asyncio.sleep(0.025)
+    raise AssertionError("the repeated ask was never held")
+
+
+def test_a_repeated_ask_is_held_until_the_request_or_its_position_changes(stores):
+    settings, make_store = stores
+
+    async def scenario():
+        store, other_replica = make_store(), make_store()
+        app = build_app(SRPOService(AllBusy(), settings), store=store)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t", timeout=60) as client:
+            first, second = [(await client.post("/queue/fal-ai/flux/srpo", json=BODY)).json()["request_id"]
+                             for _ in range(2)]
+            status = f"{REQUESTS}/{second}/status"
+            answer = await asyncio.wait_for(client.get(status), 10)  # on its own: at once
+            assert (answer.status_code, answer.json()["queue_position"]) == (202, 1)
+
+            held = asyncio.ensure_future(client.get(status))
+            await _held(store, held, second)
+            assert (await other_replica.claim("w", 30)).id == first  # another replica starts `first`
+            answer = await asyncio.wait_for(held, 10)
+            assert (answer.status_code, answer.json()["queue_position"]) == (202, 0)
+
+            running = f"{REQUESTS}/{first}/status?logs=1"
+            assert (await client.get(running)).json()["logs"] == []
+            held = asyncio.ensure_future(client.get(running))
+            await _held(store, held, first)
+            assert await other_replica.append_logs(first, "w", [LogEntry(message="step 1/2")])
+            answer = await asyncio.wait_for(held, 10)
+            assert [e["message"] for e in answer.json()["logs"]] == ["step 1/2"]
+
+            assert (await client.put(f"{REQUESTS}/{second}/cancel")).status_code == 202
+            answer = await asyncio.wait_for(client.get(status), 10)  # changed since the last answer: at once
+            assert (answer.status_code, answer.json()["status"]) == (200, "COMPLETED")
+            answer = await asyncio.wait_for(client.get(status), 10)  # completed: never held
+            assert answer.status_code == 200
+        await other_replica.close()
+        await store.close()
+
+    asyncio.run(scenario())
