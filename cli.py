@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from api.schemas import PRESET_SIZES, ImageToImageInput, TextToImageInput
+from api.schemas import PRESET_SIZES, ImageToImageInput, TextToImageInput, readable_errors
 from deployments.launch import QUIET_LIBRARIES
 from server.images import ImageLoadError, data_uri, decode_image, encode_image
 from settings import get_settings
@@ -49,7 +49,7 @@ def _input(
             return ImageToImageInput(**fields), image_bytes
         return TextToImageInput(**fields, image_size=_size(args.size)), None
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in readable_errors(exc.errors()))
         raise UsageError(f"invalid input: {problems}") from exc
 
 

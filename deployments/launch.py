@@ -115,6 +115,11 @@ def run(config_path: Path) -> int:
     import ray
     from ray import serve
 
+    from settings import settings_problems
+
+    if problems := settings_problems():  # else every replica would crash-loop on them, after a minute
+        print("srpo-serve cannot start: invalid settings.", *problems, sep="\n  ", file=sys.stderr, flush=True)
+        return 2
     config = yaml.safe_load(config_path.read_text())
     (app,) = config["applications"]
     http_options = config.get("http_options") or {}
