@@ -62,3 +62,17 @@ def test_launcher_banner_logs_and_quiet_stop(tmp_path, tiny_root):
             os.killpg(proc.pid, signal.SIGKILL)
     output.wait_for(lambda text: text.rstrip().endswith("Stopped."), 10, "end of output")
     assert "Traceback" not in output.text and "graceful_shutdown failed" not in output.text
+
+
+def test_a_mistyped_setting_stops_the_launcher_before_ray_starts(tmp_path, tiny_root):
+    path, _, env = default_config_copy(tmp_path, tiny_root)
+    env |= {"SRPO_IMAGE_URL_ALLOWED_NETWORKS": "127.0.0.0/8x", "SRPO_QUEUE_CONCURRENCY": "0"}
+    result = subprocess.run([sys.executable, "-m", "deployments.launch", str(path)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""  # not even "Starting srpo-serve ..."
+    assert result.stderr.splitlines() == [
+        "srpo-serve cannot start: invalid settings.",
+        "  SRPO_IMAGE_URL_ALLOWED_NETWORKS=127.0.0.0/8x: '127.0.0.0/8x' is not a network (an address or "
+        "address/prefix); for example SRPO_IMAGE_URL_ALLOWED_NETWORKS=127.0.0.1/32,10.0.0.0/8",
+        "  SRPO_QUEUE_CONCURRENCY=0: Input should be greater than or equal to 1; for example SRPO_QUEUE_CONCURRENCY=8",
+    ]
