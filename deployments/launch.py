@@ -68,7 +68,7 @@ def _weights_line() -> str:
     return f"{s.model_dir}" + (f" with transformer {s.transformer_file}" if s.transformer_file else "")
 
 
-def banner(base: str, dashboard_url: str | None) -> str:
+def banner(base: str, dashboard_url: str | None, metrics_url: str | None) -> str:
     rows = [
         ("API", f"{base}/fal-ai/flux/srpo  (queue: {base}/queue/fal-ai/flux/srpo)"),
         ("Playground", f"{base}/"),
@@ -76,7 +76,11 @@ def banner(base: str, dashboard_url: str | None) -> str:
         ("Weights", _weights_line()),
     ]
     if dashboard_url:
-        rows.append(("Ray dashboard", dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"))
+        url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+        # Token auth (QUIET_ENV) makes the dashboard ask for the token.
+        rows.append(("Ray dashboard", f"{url}  (token: .venv/bin/ray get-auth-token)"))
+    if metrics_url:
+        rows.append(("Metrics", f"{metrics_url}  (Prometheus text: ray_srpo_* and Ray's own series)"))
     lines = [BANNER_RULE, "srpo-serve is ready", *(f"  {label:<14}{value}" for label, value in rows),
              "  Stop with Ctrl-C (or `scripts/dev stop` elsewhere); `scripts/dev status` shows the replicas.",
              BANNER_RULE]
@@ -137,7 +141,9 @@ def run(config_path: Path) -> int:
                     logging_config={"log_level": "WARNING"})  # the controller's and proxy's INFO chatter
         serve.run(_builder(app["import_path"])(_application_args(app)), name=app["name"],
                   route_prefix=app.get("route_prefix", "/"), logging_config=app.get("logging_config"))
-        print(banner(_base_url(http_options), context.dashboard_url), flush=True)
+        info = context.address_info
+        metrics = f"http://{info['node_ip_address']}:{info['metrics_export_port']}/metrics"
+        print(banner(_base_url(http_options), context.dashboard_url, metrics), flush=True)
         while _serve_is_running():
             time.sleep(CONTROLLER_POLL_S)
         print("Serve was shut down (serve shutdown); stopping Ray.", flush=True)

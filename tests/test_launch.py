@@ -55,6 +55,7 @@ def test_launcher_banner_logs_and_quiet_stop(tmp_path, tiny_root):
         output.wait_for(lambda text: f"[{request_id}] generated 1 image(s)" in text, 60, "request-id log line")
         output.wait_for(lambda text: "POST /queue/fal-ai/flux/srpo 200" in text, 60, "submit's access-log line")
         assert "/status 20" not in output.text  # the polls above are not in the log
+        assert "LongPollClient" not in output.text  # nor Serve's router starting, tagged with the request's id
         os.kill(proc.pid, signal.SIGTERM)  # what `docker stop` sends; Ctrl-C takes the same path
         assert proc.wait(timeout=120) == 0
     finally:
