@@ -153,7 +153,10 @@ class Image(BaseModel):
 
 class Output(BaseModel):
     images: list[Image]
-    timings: dict[str, float]
+    timings: dict[str, float] = Field(
+        ..., description="Seconds spent per phase; `inference` is the model's time for the whole request.",
+        examples=[{"inference": 1.2345}],
+    )
     seed: int
     has_nsfw_concepts: list[bool]
     prompt: str

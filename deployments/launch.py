@@ -33,6 +33,9 @@ QUIET_ENV = QUIET_LIBRARIES | {
     # the cluster the same whatever the machine holds, and `serve status` needs the same mode.
     "RAY_AUTH_MODE": "token",
 }
+# What Ray relays when Serve stops (`serve shutdown` ends its controller with ray.kill during that
+# call, as it always does): not an error, so not shown.
+SERVE_STOP_NOISE = "ServeController.graceful_shutdown failed"
 CONTROLLER_POLL_S = 2.0  # how often the launcher looks for a `serve shutdown` from elsewhere
 BANNER_RULE = "-" * 72
 
@@ -103,6 +106,25 @@ def _silenced() -> Iterator[None]:
         yield
 
 
+class _WithoutLines:
+    """A text stream that passes on every line but those containing `marker`. Ray's log monitor and
+    its error listener print to whatever sys.stdout is when they print, so this sees their lines."""
+
+    def __init__(self, stream: Any, marker: str) -> None:
+        self._stream, self._marker, self._pending = stream, marker, ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if self._marker not in line:
+                self._stream.write(line + "\n")
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding...
+        return getattr(self._stream, name)
+
+
 def _serve_is_running() -> bool:
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
@@ -124,6 +146,7 @@ def run(config_path: Path) -> int:
     if problems := settings_problems():  # else every replica would crash-loop on them, after a minute
         print("srpo-serve cannot start: invalid settings.", *problems, sep="\n  ", file=sys.stderr, flush=True)
         return 2
+    sys.stdout = _WithoutLines(sys.stdout, SERVE_STOP_NOISE)
     config = yaml.safe_load(config_path.read_text())
     (app,) = config["applications"]
     http_options = config.get("http_options") or {}

@@ -71,8 +71,12 @@ def _weights_env() -> dict[str, str]:
     """The weights settings of the RayService: the one layout of the weights volume."""
     rayservice = yaml.safe_load((ROOT / "k8s" / "base" / "rayservice.yaml").read_text())
     (worker,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    env = {e["name"]: e.get("value") for e in worker["template"]["spec"]["containers"][0]["env"]}
-    return {k: env[k] for k in ("SRPO_MODEL_DIR", "SRPO_TRANSFORMER_FILE", "SRPO_SAFETY_DIR")}
+    pod = worker["template"]["spec"]
+    (check,) = pod["initContainers"]  # checks the volume with the settings the server reads
+    env, checked = ({e["name"]: e.get("value") for e in c["env"]} for c in (pod["containers"][0], check))
+    layout = {k: env[k] for k in ("SRPO_MODEL_DIR", "SRPO_TRANSFORMER_FILE", "SRPO_SAFETY_DIR")}
+    assert check["command"] == ["srpo", "check-weights"] and checked == layout
+    return layout
 
 
 def test_one_weights_layout_everywhere():

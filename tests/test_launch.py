@@ -77,3 +77,25 @@ def test_a_mistyped_setting_stops_the_launcher_before_ray_starts(tmp_path, tiny_
         "address/prefix); for example SRPO_IMAGE_URL_ALLOWED_NETWORKS=127.0.0.1/32,10.0.0.0/8",
         "  SRPO_QUEUE_CONCURRENCY=0: Input should be greater than or equal to 1; for example SRPO_QUEUE_CONCURRENCY=8",
     ]
+
+
+def test_stop_from_another_terminal_is_quiet_and_the_banner_says_where_metrics_are(tmp_path, tiny_root):
+    path, _, env = default_config_copy(tmp_path, tiny_root)
+    proc = subprocess.Popen([sys.executable, "-m", "deployments.launch", str(path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = Output(proc)
+    try:
+        output.wait_for(lambda text: "srpo-serve is ready" in text, 300, "banner")
+        assert "(token: .venv/bin/ray get-auth-token)" in output.text
+        (metrics,) = [line.split()[1] for line in output.text.splitlines() if line.startswith("  Metrics ")]
+        assert "# TYPE ray_" in httpx.get(metrics, timeout=30).text
+        serve = Path(sys.executable).with_name("serve")  # what `scripts/dev stop` runs
+        subprocess.run([str(serve), "shutdown", "-y"], env=env | {"RAY_AUTH_MODE": "token"}, check=True,
+                       capture_output=True, timeout=120)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output.wait_for(lambda text: text.rstrip().endswith("Stopped."), 10, "end of output")
+    assert "Serve was shut down" in output.text
+    assert "Traceback" not in output.text and "graceful_shutdown failed" not in output.text
