@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from api.schemas import PRESET_SIZES, ImageToImageInput, TextToImageInput
+from api.schemas import PRESET_SIZES, ImageToImageInput, TextToImageInput, readable_errors
 from deployments.launch import QUIET_LIBRARIES
 from server.images import ImageLoadError, data_uri, decode_image, encode_image
 from settings import get_settings
@@ -49,21 +49,27 @@ def _input(
             return ImageToImageInput(**fields), image_bytes
         return TextToImageInput(**fields, image_size=_size(args.size)), None
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in readable_errors(exc.errors()))
         raise UsageError(f"invalid input: {problems}") from exc
 
 
-def _progress_bar():
-    """A denoising progress bar on stderr (tqdm comes with transformers)."""
-    from tqdm import tqdm
+class _ProgressBar:
+    """A denoising progress bar on stderr (tqdm comes with transformers), shown from the first step on,
+    once the step count is known (image-to-image runs fewer steps than asked)."""
 
-    bar = tqdm(desc="denoising", unit="step", file=sys.stderr)
+    def __init__(self) -> None:
+        self.bar = None
 
-    def on_step(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+    def on_step(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
 
-    return bar, on_step
+            self.bar = tqdm(desc="denoising", unit="step", total=total, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -95,10 +101,12 @@ def _generate(args: argparse.Namespace) -> int:
         settings.resolved_dtype(),
         paths.transformer_file,
     )
-    bar, on_step = _progress_bar()
-    with bar:
+    progress = _ProgressBar()
+    try:
         result = pipe.generate(to_generation_request(body, seed, source, settings.max_pixels),
-                               body.enable_safety_checker, on_step)
+                               body.enable_safety_checker, progress.on_step)
+    finally:
+        progress.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -116,6 +124,27 @@ def _convert(args: argparse.Namespace) -> int:
 
     convert_transformer_file(Path(args.source), Path(args.target), getattr(torch, args.dtype))
     print(args.target)
+    return 0
+
+
+def _check_weights(args: argparse.Namespace) -> int:
+    from models.loading import check_model_folder
+    from safety.checker import check_safety_folder
+
+    settings = get_settings()
+    if settings.model_dir is None or settings.safety_dir is None:
+        raise UsageError("set SRPO_MODEL_DIR and SRPO_SAFETY_DIR (and SRPO_TRANSFORMER_FILE) to the folders to check")
+    problems = []
+    for check in (lambda: check_model_folder(settings.model_dir, transformer_file=settings.transformer_file),
+                  lambda: check_safety_folder(settings.safety_dir)):
+        try:
+            check()
+        except FileNotFoundError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UsageError("; ".join(problems))
+    print(json.dumps({"model_dir": str(settings.model_dir), "transformer_file": str(settings.transformer_file),
+                      "safety_dir": str(settings.safety_dir), "complete": True}))
     return 0
 
 
@@ -155,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("target")
     conv.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     conv.set_defaults(func=_convert)
+
+    check = sub.add_parser("check-weights", help="check that SRPO_MODEL_DIR, SRPO_TRANSFORMER_FILE and "
+                           "SRPO_SAFETY_DIR hold every file serving needs, without loading them")
+    check.set_defaults(func=_check_weights)
 
     tiny = sub.add_parser("make-tiny", help="write the tiny offline preset (default: SRPO_TINY_DIR)")
     tiny.add_argument("target", nargs="?")

@@ -2,17 +2,62 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
+import shlex
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.schemas import DEFAULT_MAX_PIXELS
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
+ENV_PREFIX = "SRPO_"
+
+
+def _list_from_env(value: Any) -> Any:
+    """A list setting as JSON (`["a", "b"]`) or as the comma-separated form people type (`a,b`)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return _json(text)
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PydanticCustomError("json", "not valid JSON ({why} at character {pos})",
+                                  {"why": exc.msg, "pos": exc.pos}) from None
+
+
+def _json_from_env(value: Any) -> Any:
+    return _json(value) if isinstance(value, str) else value
+
+
+def _networks(values: list[str]) -> list[str]:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise PydanticCustomError("network", "{value} is not a network (an address or address/prefix)",
+                                      {"value": repr(value)}) from None
+    return values
+
+
+# Decoded here rather than by pydantic-settings, whose JSON-only parsing of a plain value fails with
+# an error that names no variable.
+EnvList = Annotated[list[str], NoDecode, BeforeValidator(_list_from_env)]
+EnvNetworks = Annotated[EnvList, AfterValidator(_networks)]
+EnvJson = Annotated[dict[str, Any], NoDecode, BeforeValidator(_json_from_env)]
 
 
 class Settings(BaseSettings):
@@ -41,9 +86,10 @@ class Settings(BaseSettings):
     image_fetch_timeout_s: float = 10.0
     image_fetch_max_bytes: int = 25 * 1024 * 1024
     image_max_source_pixels: int = 50_000_000
-    image_url_allowed_networks: list[str] = Field(
-        default_factory=list,
-        description='Non-public networks image_url may reach anyway, e.g. ["127.0.0.1/32"] (JSON list).',
+    image_url_allowed_networks: EnvNetworks = Field(
+        default_factory=list, examples=["127.0.0.1/32,10.0.0.0/8"],
+        description="Non-public networks image_url may reach anyway, e.g. 127.0.0.1/32,10.0.0.0/8 "
+        '(comma-separated, or a JSON list such as ["127.0.0.1/32"]).',
     )
 
     # --- outputs ---
@@ -51,8 +97,8 @@ class Settings(BaseSettings):
     storage_url: str | None = Field(
         None, description="fsspec URL that replaces storage_dir, e.g. s3://bucket/prefix (needs s3fs: '.[s3]')."
     )
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict,
+    storage_options: EnvJson = Field(
+        default_factory=dict, examples=['{"endpoint_url": "http://minio:9000"}'],
         description='fsspec options for storage_url (JSON), e.g. {"endpoint_url": "http://minio:9000"}; '
         "credentials come from the usual AWS_* variables or workload identity.",
     )
@@ -115,8 +161,9 @@ class Settings(BaseSettings):
     )
     webhook_timeout_s: float = 10.0
     webhook_attempts: int = Field(3, ge=1)
-    webhook_allowed_networks: list[str] = Field(
-        default_factory=list, description="Non-public networks fal_webhook may reach anyway (JSON list)."
+    webhook_allowed_networks: EnvNetworks = Field(
+        default_factory=list, examples=["10.0.0.0/8"],
+        description="Non-public networks fal_webhook may reach anyway (comma-separated or a JSON list).",
     )
 
     # --- LoRAs (per request: the `loras` field) ---
@@ -165,8 +212,9 @@ class Settings(BaseSettings):
     )
 
     # --- access ---
-    api_keys: list[str] = Field(
-        default_factory=list, description='Accepted `Authorization: Key <key>` values (JSON list); empty = open.'
+    api_keys: EnvList = Field(
+        default_factory=list, examples=["key1,key2"],
+        description="Accepted `Authorization: Key <key>` values (comma-separated or a JSON list); empty = open.",
     )
 
     def resolved_device(self) -> torch.device:
@@ -183,3 +231,25 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_problems() -> list[str]:
+    """One line per `SRPO_*` variable of this process that Settings refuses: the variable, what was
+    given, why, and an example of what it takes. Empty when every setting is valid."""
+    try:
+        Settings()
+        return []
+    except ValidationError as exc:
+        return [_problem(error) for error in exc.errors()]
+
+
+def _problem(error: Any) -> str:
+    name = str(error["loc"][0]) if error["loc"] else ""
+    variable = f"{ENV_PREFIX}{name.upper()}"
+    given = next((v for k, v in os.environ.items() if k.upper() == variable), str(error.get("input")))
+    field = Settings.model_fields.get(name)
+    example = None
+    if field is not None:
+        example = field.examples[0] if field.examples else field.default
+    hint = f"; for example {variable}={shlex.quote(str(example))}" if example not in (None, [], {}) else ""
+    return f"{variable}={shlex.quote(given)}: {error['msg']}{hint}"

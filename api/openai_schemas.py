@@ -14,6 +14,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from api.schemas import MAX_PROMPT_CHARS, Acceleration, LoraWeight, Seed
 
@@ -55,11 +56,13 @@ class _ImageRequest(BaseModel):
     @classmethod
     def _size_shape(cls, value: str) -> str:
         if value != "auto" and (match := SIZE_PATTERN.match(value)) is None:
-            raise ValueError(f"size must be 'auto' or WIDTHxHEIGHT such as 1024x768, not {value!r}")
+            raise PydanticCustomError("size", "size must be 'auto' or WIDTHxHEIGHT such as 1024x768, not {value}",
+                                      {"value": repr(value)})
         if value != "auto":
             width, height = int(match["width"]), int(match["height"])
             if width % SIZE_STEP or height % SIZE_STEP or min(width, height) < MIN_SIDE:
-                raise ValueError(f"size {value}: each side must be a multiple of {SIZE_STEP}, at least {MIN_SIDE}")
+                raise PydanticCustomError("size", "size {value}: each side must be a multiple of {step}, at least {least}",
+                                          {"value": value, "step": SIZE_STEP, "least": MIN_SIDE})
         return value
 
     def dimensions(self) -> tuple[int, int] | None:

@@ -9,9 +9,10 @@ checked by the service (server/service.py), not here, so these shapes hold no co
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 MIN_SEED = -(2**63)
@@ -53,6 +54,21 @@ class ImageSize(BaseModel):
     height: int = Field(512, ge=1, le=14142, description="Height in pixels; rounded down to a multiple of 16.")
 
 
+def _size_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "preset"
+    return "custom" if isinstance(value, (dict, ImageSize)) else None
+
+
+# A preset name or {width, height}, told apart by the input's type: a mistake in either gets that
+# form's one error, not one from each member of the union.
+SIZE_TAGS = ("preset", "custom")
+ImageSizeInput = Annotated[
+    Union[Annotated[ImageSizePreset, Tag(SIZE_TAGS[0])], Annotated[ImageSize, Tag(SIZE_TAGS[1])]],
+    Discriminator(_size_kind, custom_error_type="image_size_type",
+                  custom_error_message="Input should be a preset name or an object {width, height}"),
+]
+
 Seed = Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED)]
 
 
@@ -65,6 +81,9 @@ class LoraWeight(BaseModel):
         "An https URL of a .safetensors LoRA, an s3:// (fsspec) URL, a Hugging Face repo id "
         "(owner/name or owner/name/file.safetensors), or a file name in this server's LoRA folder."))
     scale: float = Field(1.0, description="How strongly the LoRA applies; LoRAs add up, each times its scale.")
+def readable_errors(errors: list[ErrorDetails]) -> list[ErrorDetails]:
+    """pydantic's errors without the image size union's internal tags in their `loc`."""
+    return [error | {"loc": tuple(part for part in error["loc"] if part not in SIZE_TAGS)} for error in errors]
 
 
 class _CommonInput(BaseModel):
@@ -102,7 +121,7 @@ class TextToImageInput(_CommonInput):
          "output_format": "png"},
     ]})
 
-    image_size: ImageSizePreset | ImageSize = Field("landscape_4_3", description="A preset or {width, height}.")
+    image_size: ImageSizeInput = Field("landscape_4_3", description="A preset or {width, height}.")
     num_inference_steps: int = Field(28, ge=1, le=50)
 
     def output_size(self) -> tuple[int, int]:
@@ -125,7 +144,7 @@ class ImageToImageInput(_CommonInput):
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         if not value.startswith(("http://", "https://", "data:")):
-            raise ValueError("image_url must be an http(s) URL or a data: URI")
+            raise PydanticCustomError("image_url", "image_url must be an http(s) URL or a data: URI")
         return value
 
 
@@ -146,7 +165,10 @@ class Image(BaseModel):
 
 class Output(BaseModel):
     images: list[Image]
-    timings: dict[str, float]
+    timings: dict[str, float] = Field(
+        ..., description="Seconds spent per phase; `inference` is the model's time for the whole request.",
+        examples=[{"inference": 1.2345}],
+    )
     seed: int
     has_nsfw_concepts: list[bool]
     prompt: str

@@ -38,6 +38,9 @@ QUIET_ENV = QUIET_LIBRARIES | {
 # the default proxy (docs/benchmarks.md). Ray reads them once per process, so they are set before Ray
 # starts. HAProxy's frontend speaks plain HTTP: with TLS in http_options, Serve's own proxy is kept.
 HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# What Ray relays when Serve stops (`serve shutdown` ends its controller with ray.kill during that
+# call, as it always does): not an error, so not shown.
+SERVE_STOP_NOISE = "ServeController.graceful_shutdown failed"
 CONTROLLER_POLL_S = 2.0  # how often the launcher looks for a `serve shutdown` from elsewhere
 BANNER_RULE = "-" * 72
 
@@ -78,7 +81,7 @@ def _weights_line() -> str:
     return f"{s.model_dir}" + (f" with transformer {s.transformer_file}" if s.transformer_file else "")
 
 
-def banner(base: str, dashboard_url: str | None) -> str:
+def banner(base: str, dashboard_url: str | None, metrics_url: str | None) -> str:
     rows = [
         ("API", f"{base}/fal-ai/flux/srpo  (queue: {base}/queue/fal-ai/flux/srpo)"),
         ("Playground", f"{base}/"),
@@ -86,7 +89,11 @@ def banner(base: str, dashboard_url: str | None) -> str:
         ("Weights", _weights_line()),
     ]
     if dashboard_url:
-        rows.append(("Ray dashboard", dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"))
+        url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+        # Token auth (QUIET_ENV) makes the dashboard ask for the token.
+        rows.append(("Ray dashboard", f"{url}  (token: .venv/bin/ray get-auth-token)"))
+    if metrics_url:
+        rows.append(("Metrics", f"{metrics_url}  (Prometheus text: ray_srpo_* and Ray's own series)"))
     lines = [BANNER_RULE, "srpo-serve is ready", *(f"  {label:<14}{value}" for label, value in rows),
              "  Stop with Ctrl-C (or `scripts/dev stop` elsewhere); `scripts/dev status` shows the replicas.",
              BANNER_RULE]
@@ -109,6 +116,25 @@ def _silenced() -> Iterator[None]:
         yield
 
 
+class _WithoutLines:
+    """A text stream that passes on every line but those containing `marker`. Ray's log monitor and
+    its error listener print to whatever sys.stdout is when they print, so this sees their lines."""
+
+    def __init__(self, stream: Any, marker: str) -> None:
+        self._stream, self._marker, self._pending = stream, marker, ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if self._marker not in line:
+                self._stream.write(line + "\n")
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding...
+        return getattr(self._stream, name)
+
+
 def _serve_is_running() -> bool:
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
@@ -121,6 +147,12 @@ def _serve_is_running() -> bool:
 
 
 def run(config_path: Path) -> int:
+    from settings import settings_problems
+
+    if problems := settings_problems():  # else every replica would crash-loop on them, after a minute
+        print("srpo-serve cannot start: invalid settings.", *problems, sep="\n  ", file=sys.stderr, flush=True)
+        return 2
+    sys.stdout = _WithoutLines(sys.stdout, SERVE_STOP_NOISE)
     config = yaml.safe_load(config_path.read_text())
     (app,) = config["applications"]
     http_options = config.get("http_options") or {}
@@ -143,7 +175,9 @@ def run(config_path: Path) -> int:
                     logging_config={"log_level": "WARNING"})  # the controller's and proxy's INFO chatter
         serve.run(_builder(app["import_path"])(_application_args(app)), name=app["name"],
                   route_prefix=app.get("route_prefix", "/"), logging_config=app.get("logging_config"))
-        print(banner(_base_url(http_options), context.dashboard_url), flush=True)
+        info = context.address_info
+        metrics = f"http://{info['node_ip_address']}:{info['metrics_export_port']}/metrics"
+        print(banner(_base_url(http_options), context.dashboard_url, metrics), flush=True)
         while _serve_is_running():
             time.sleep(CONTROLLER_POLL_S)
         print("Serve was shut down (serve shutdown); stopping Ray.", flush=True)

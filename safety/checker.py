@@ -13,12 +13,20 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from transformers import CLIPImageProcessorPil
 
 
+def check_safety_folder(folder: Path) -> None:
+    """Raise FileNotFoundError naming everything the checker needs that `folder` lacks."""
+    folder = Path(folder)
+    missing = [n for n in ("config.json", "preprocessor_config.json") if not (folder / n).exists()]
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        missing.append("*.safetensors")
+    if missing:
+        raise FileNotFoundError(f"safety checker folder {folder} lacks {', '.join(missing)}")
+
+
 class SafetyChecker:
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
         folder = Path(folder)
-        missing = [n for n in ("config.json", "preprocessor_config.json") if not (folder / n).exists()]
-        if missing:
-            raise FileNotFoundError(f"safety checker folder {folder} lacks {', '.join(missing)}")
+        check_safety_folder(folder)
         self.device, self.dtype = device, dtype
         self.model = StableDiffusionSafetyChecker.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
         self.model.to(device).eval()

@@ -21,7 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from api.schemas import ERROR_TYPE_HEADER, REQUEST_ID_HEADER, ImageToImageInput, Output, TextToImageInput
+from api.schemas import (ERROR_TYPE_HEADER, REQUEST_ID_HEADER, ImageToImageInput, Output, TextToImageInput,
+                         readable_errors)
 from server.errors import ServiceError, default_error_type
 from server.body_limit import BodyLimit
 from server.fal_proxy import FalProxyRoute
@@ -90,7 +91,7 @@ def build_app(
             return from_validation_error(exc).response()
         # FastAPI's own body, but an input of NaN or Infinity is echoed as text (JSON has no such number)
         # and a long one is cut, so a 20 MB prompt is not sent back.
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(readable_errors(exc.errors())))}, status_code=422)
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:

@@ -29,7 +29,7 @@ from api.openai_schemas import (
     Model,
     ModelList,
 )
-from api.schemas import ImageSize, ImageToImageInput, Output, TextToImageInput
+from api.schemas import ImageSize, ImageToImageInput, Output, TextToImageInput, readable_errors
 from server.errors import ServiceError
 from server.images import data_uri
 
@@ -51,7 +51,7 @@ class OpenAIError(Exception):
 
 
 def from_validation_error(exc: ValidationError) -> OpenAIError:
-    first = exc.errors()[0]
+    first = readable_errors(exc.errors())[0]
     param = ".".join(str(part) for part in first["loc"] if part != "body") or None
     return OpenAIError(400, f"Invalid value for '{param}': {first['msg']}" if param else first["msg"], param=param)
 

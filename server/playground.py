@@ -47,7 +47,8 @@ def mount_pages(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/playground/config", include_in_schema=False)
     async def playground_config() -> dict[str, Any]:
-        return {"api_key_required": bool(settings.api_keys), "max_pixels": settings.max_pixels}
+        return {"api_key_required": bool(settings.api_keys), "max_pixels": settings.max_pixels,
+                "tiny_preset": settings.model_dir is None}
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:

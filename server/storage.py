@@ -57,7 +57,7 @@ class ObjectStore:
         default_ttl_s: float = 7 * 24 * 3600.0,
         max_bytes: int | None = None,
     ) -> None:
-        self.fs, root = fsspec.core.url_to_fs(url, **(options or {}))
+        self.fs, root = fsspec.core.url_to_fs(url, **_with_sigv4(url, options or {}))
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = root.rstrip("/")
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
@@ -185,6 +185,15 @@ class ObjectStore:
             if match := PAYLOAD_NAME.match(name):
                 found.append((name, float(match["created"]), match["request_id"]))
         return found
+
+
+def _with_sigv4(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """S3 options that presign with Signature Version 4 unless they name another: botocore's default
+    for presigned URLs is still Version 2 in some regions, which R2 and newer AWS regions refuse."""
+    if fsspec.utils.get_protocol(url) not in ("s3", "s3a"):
+        return options
+    config = options.get("config_kwargs", {})
+    return options | {"config_kwargs": {"signature_version": "s3v4", **config}}
 
 
 def open_object_store(settings: Settings) -> ObjectStore:

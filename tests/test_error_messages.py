@@ -47,3 +47,30 @@ def test_limits_name_their_settings(client):
     ]
     for response, status, setting in cases:
         assert response.status_code == status and setting in _detail(response), response.text
+
+
+def test_one_clear_message_per_mistake_on_fal_routes_and_v1(client):
+    fal_cases = [  # (route, body, loc, message)
+        ("/fal-ai/flux/srpo", {"prompt": "x", "image_size": "huge"}, ["body", "image_size"],
+         "Input should be 'square_hd', 'square', 'portrait_4_3', 'portrait_16_9', 'landscape_4_3' or 'landscape_16_9'"),
+        ("/queue/fal-ai/flux/srpo", {"prompt": "x", "image_size": 5}, ["body", "image_size"],
+         "Input should be a preset name or an object {width, height}"),
+        ("/fal-ai/flux/srpo", {"prompt": "x", "image_size": {"width": 0, "height": 64}}, ["body", "image_size", "width"],
+         "Input should be greater than or equal to 1"),
+        ("/fal-ai/flux/srpo/image-to-image", {"prompt": "x", "image_url": "ftp://host/a.png"}, ["body", "image_url"],
+         "image_url must be an http(s) URL or a data: URI"),
+    ]
+    for route, body, loc, message in fal_cases:
+        response = client.post(route, json=body)
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert (error["loc"], error["msg"]) == (loc, message)
+    openai_cases = [
+        ({"prompt": "x", "size": "huge"}, "Invalid value for 'size': size must be 'auto' or WIDTHxHEIGHT such as "
+                                          "1024x768, not 'huge'"),
+        ({"prompt": "x", "size": "100x100"}, "Invalid value for 'size': size 100x100: each side must be a multiple "
+                                             "of 16, at least 64"),
+    ]
+    for body, message in openai_cases:
+        response = client.post("/v1/images/generations", json=body)
+        assert response.status_code == 400 and response.json()["error"]["message"] == message, response.text

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urljoin, urlparse
 
 import httpx
 import pytest
+import torch
+import uvicorn
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -22,7 +25,12 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.harness import running_serve, tiny_env
+from models.pipeline import SRPOPipeline
+from server.app import build_app
+from server.service import InProcessBackend, SRPOService
+from settings import get_settings
+from tests.conftest import CPU
+from tests.harness import free_port, running_serve, tiny_env, wait_until
 from tests.queue_helpers import REQUESTS
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -39,6 +47,26 @@ def server(tiny_root, tmp_path_factory) -> Iterator[str]:
     args = {"text_batch_wait_s": 0.0, "decode_batch_wait_s": 0.0}
     with running_serve(env, args, secrets={"SRPO_API_KEYS": json.dumps([KEY])}) as base:
         yield base
+
+
+@pytest.fixture(scope="module")
+def open_server(tiny_model_dir, tiny_safety_dir, tmp_path_factory) -> Iterator[str]:
+    """The same app with no API keys, in-process under uvicorn (no Ray: only its pages are looked at)."""
+    state = tmp_path_factory.mktemp("open")
+    settings = get_settings().model_copy(update={"api_keys": [], "storage_dir": state / "files",
+                                                 "queue_db_path": state / "requests.sqlite3"})
+    app = build_app(SRPOService(InProcessBackend(SRPOPipeline(tiny_model_dir, tiny_safety_dir, CPU, torch.float32)),
+                                settings))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 60, "uvicorn to start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +134,7 @@ def test_every_asset_of_the_pages_is_served_by_the_app_without_a_key(server):
                 if ref.endswith((".js", ".css")):  # the playground's own code names no other host either
                     assert not (page == "/" and re.search(rb"https?://", asset.content)), ref
         assert anonymous.get(f"{server}/playground/config").json() == {"api_key_required": True,
-                                                                       "max_pixels": MAX_PIXELS}
+                                                                       "max_pixels": MAX_PIXELS, "tiny_preset": True}
         assert anonymous.post(f"{server}/queue/fal-ai/flux/srpo", json={"prompt": "x"}).status_code == 401
 
 
@@ -156,6 +184,27 @@ def record_progress(driver: WebDriver) -> None:
 
 def gallery_count(driver: WebDriver) -> int:
     return len(driver.find_elements(By.CSS_SELECTOR, "#gallery figure.result"))
+
+
+def displayed(driver: WebDriver) -> dict[str, bool]:
+    """What a user sees of the parts the page shows or hides (CSS included, not only `hidden`)."""
+    return {
+        "api key": driver.find_element(By.ID, "api-key-field").is_displayed(),
+        "custom size": driver.find_element(By.CSS_SELECTOR, ".custom-size").is_displayed(),
+        "tiny notice": driver.find_element(By.ID, "tiny-notice").is_displayed(),
+    }
+
+
+def test_what_is_displayed_with_keys_and_without(server, open_server, browser):
+    for base, key_asked in ((server, True), (open_server, False)):
+        browser.get(f"{base}/")
+        wait(browser, lambda d: d.find_element(By.ID, "generate").is_enabled(), what="the form built from the schema")
+        assert Select(field(browser, "image_size")).first_selected_option.text == "landscape_4_3"
+        assert displayed(browser) == {"api key": key_asked, "custom size": False, "tiny notice": True}, base
+        assert "noise images" in browser.find_element(By.ID, "tiny-notice").text
+        Select(field(browser, "image_size")).select_by_visible_text("custom")
+        assert displayed(browser)["custom size"]
+        screenshot(browser, f"playground-{'with' if key_asked else 'without'}-keys")
 
 
 def test_the_form_follows_the_schema(server, browser):

@@ -11,9 +11,10 @@ import torch
 from fastapi.testclient import TestClient
 from ray.serve._private.logging_utils import access_log_msg
 
-from deployments.logs import StatusPollsAtDebug
+from deployments.logs import RoutineLinesAtDebug
 from models.pipeline import SRPOPipeline
 from server.app import build_app
+from server.logging_context import install as tag_logs_with_request_ids, request_context
 from server.service import InProcessBackend, SRPOService
 from settings import get_settings
 from tests.conftest import CPU
@@ -65,7 +66,7 @@ def _serve_access_logger(level: int) -> tuple[logging.Logger, list[logging.LogRe
     handler = logging.Handler()
     handler.emit = seen.append
     logger.handlers = [handler]
-    logger.filters = [StatusPollsAtDebug(logger)]
+    logger.filters = [RoutineLinesAtDebug(logger)]
     return logger, seen
 
 
@@ -88,3 +89,17 @@ def test_status_polls_are_logged_at_debug_when_asked():
     logger, seen = _serve_access_logger(logging.DEBUG)
     _access(logger, "GET", "/queue/fal-ai/flux/requests/{request_id}/status", "200")
     assert [r.levelname for r in seen] == ["DEBUG"]
+
+
+def test_the_routers_start_is_not_logged_at_info():
+    from ray.serve._private.router import SharedRouterLongPollClient
+
+    logger, seen = _serve_access_logger(logging.INFO)
+    # As Serve's router writes it, alone and inside the first request (which tags it with its id).
+    tag_logs_with_request_ids()
+    client = object.__repr__(object.__new__(SharedRouterLongPollClient))
+    logger.info(f"Started {client}.")
+    with request_context("8f1c2d4e-0000-4000-8000-000000000000"):
+        logger.info(f"Started {client}.")
+    logger.info("Started inter-deployment gRPC server on port 5")  # other lines stay
+    assert [r.getMessage() for r in seen] == ["Started inter-deployment gRPC server on port 5"]

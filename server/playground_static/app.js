@@ -17,6 +17,7 @@ async function load() {
   const [schema, config] = await Promise.all([getJSON("openapi.json"), getJSON("playground/config")]);
   openapi = schema;
   $("api-key-field").hidden = !config.api_key_required;
+  $("tiny-notice").hidden = !config.tiny_preset;
   for (const path of queueablePaths()) {
     const option = new Option(`${openapi.paths[path].post.summary} (${path})`, path);
     $("endpoint").add(option);
@@ -54,7 +55,7 @@ function renderFields() {
 }
 
 function control(name, prop, required) {
-  const variants = (prop.anyOf || [prop]).map(resolve);
+  const variants = (prop.anyOf || prop.oneOf || [prop]).map(resolve);
   const options = variants.filter((v) => v.type !== "null");
   const choices = options.find((v) => v.enum);
   const object = options.find((v) => v.type === "object");
