@@ -187,9 +187,10 @@ class CostAware:
     sharing one queue in front it drains about R times faster, so the term is divided by R).
     What waits in front of the deployment is shared by its R replicas: each counts 1/R of the requests
     behind, and the busy period runs from its whole work. m joins when
-    s * (1 + behind) > |B| * (c(B+m) - c(B)), and only while the head's remaining time stretched to
-    the batch's cost is at most the work ahead besides the batch (the replica's other requests and
-    its share of the queue in front): otherwise the batch, not the queue, makes the tail.
+    s * (1 + behind) > |B| * (c(B+m) - c(B)), and only while the stretch of the head's remaining time
+    to the batch's cost is at most that time plus the work ahead besides the batch (the replica's
+    other requests and its share of the queue in front): otherwise the batch, not the queue, makes
+    the tail.
     So under a burst, when the queue in front is deep, replicas batch (the saved device time
     shortens every wait behind), and as it drains they go back to one request at a time.
     Compute-bound sizes save a few percent, so they batch only near saturation; small images save
@@ -258,11 +259,13 @@ class CostAware:
         alone = self.cost.step_s(head.image_tokens, samples, head.mode)
         together = self.cost.step_s(head.image_tokens, samples + m.samples, head.mode)
         saving = alone + self.step_s(m) - together
-        # The tail: a batch stretches its head's remaining time; only a longer wait for everything
-        # else ahead (not the batch itself) hides that.
+        # The tail: a batch stretches its head's remaining time. Up to its own length is fine (the
+        # partners would have waited that long for it); more only where everything else ahead (not
+        # the batch itself) makes requests wait longer anyway.
         stretch_s = head.remaining_steps * (together - self.step_s(head))
         others_s = ahead_s - sum(self.remaining_s(a) for a in batch) - self.remaining_s(m)
-        return saving * (1 + behind) > len(batch) * (together - alone) and stretch_s <= others_s
+        fits_tail = stretch_s <= self.remaining_s(head) + others_s
+        return saving * (1 + behind) > len(batch) * (together - alone) and fits_tail
 
     def ahead_s(self, active: Sequence[Active], waiting: Waiting) -> float:
         return sum(self.remaining_s(a) for a in active) + waiting.work_s / self.replicas

@@ -60,7 +60,9 @@ def test_batching_follows_the_cost_model():
     # The H100 at 1024x768 saves ~1.5% per added sample: alone while the queue is short, batched when long.
     h100 = CostAware(H100, 16384)
     assert len(h100.pick(requests, 0.0)) == 1
-    assert len(h100.pick(requests, 0.0, Waiting(requests=200))) == 4
+    assert len(h100.pick(requests, 0.0, Waiting(requests=200, work_s=200 * 28 * 0.143))) == 4
+    # ... but not when so little work waits that a batch of four (15.5 s) would make the tail.
+    assert len(h100.pick(requests, 0.0, Waiting(requests=200, work_s=2.0))) < 4
     # The token budget caps the batch whatever the model says.
     assert len(CostAware(flat_profile({1: 100, 2: 105, 4: 115}), 2 * 3584).pick(requests, 0.0)) == 2
 
