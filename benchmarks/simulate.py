@@ -28,6 +28,7 @@ import json
 import math
 import random
 import statistics
+import sys
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     kind = args.profile.stem + ("" if args.arrivals == "poisson" else f"-{args.arrivals}")
     result = Result(
         name="simulate", kind=kind, title="Scheduling policies in simulation", device=f"simulated ({args.profile.name})",
-        date=date.today().isoformat(), command=" ".join([".venv/bin/python -m benchmarks.simulate", *(argv or [])]),
+        date=date.today().isoformat(), command=" ".join([".venv/bin/python -m benchmarks.simulate", *(sys.argv[1:] if argv is None else argv)]),
         software="benchmarks/simulate.py", weights="none (cost profile)", table=markdown_table(header, rows),
         notes=[(f"{args.requests} requests per run, seed {args.seed}; latency includes "
                 f"{cost.profile.request_overhead_ms:.0f} ms per-request overhead outside the Denoiser.")],
