@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cost = CostModel.load(args.profile)
     with tempfile.TemporaryDirectory() as tmp:
-        env = tiny_env(get_settings().tiny_dir, Path(tmp), OMP_NUM_THREADS="1", SRPO_COST_PROFILE=str(args.profile))
+        # A burst holds many synchronous requests at once: none may be turned away (429) for the comparison.
+        env = tiny_env(get_settings().tiny_dir, Path(tmp), OMP_NUM_THREADS="1", SRPO_COST_PROFILE=str(args.profile),
+                       SRPO_SYNC_MAX_CONCURRENCY=str(args.requests))
         options = {"Denoiser": {"num_replicas": 2, "autoscaling_config": None}}
         with running_serve(env, {"deployment_options": options}) as base:
             overheads = unloaded_overheads_s(base)
