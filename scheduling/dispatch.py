@@ -10,6 +10,7 @@ router (deployments/denoise_router.py) and the simulator (benchmarks/simulate.py
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -48,10 +49,12 @@ def replica_load(cost: CostModel, policy: Policy, active: Sequence[Active], now_
     backlog = backlog_s(cost, active) + arriving_s
     # A longer queue only adds to the requests behind: the first step that widens, by bisection.
     steps = [w for w in WIDE_AFTER_STEPS if w <= up_to]
+    request_s = statistics.fmean(a.total_steps * cost.step_s(a.image_tokens, a.samples, a.mode)
+                                 for a in active) if active else 0.0  # what a waiting request is worth
     low, high, found = 0, len(steps), None
     while low < high:
         mid = (low + high) // 2
-        wide = policy.horizon_s(active, now_s, Waiting(requests=steps[mid]))
+        wide = policy.horizon_s(active, now_s, Waiting(steps[mid], steps[mid] * request_s))
         if wide > base:
             high, found = mid, (wide, steps[mid])
         else:

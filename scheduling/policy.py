@@ -295,7 +295,9 @@ class CostAware:
             return 0.0
         head = self.order(active, now_s)[0]
         waiting = self.waiting(now_s, waiting)
-        if not self._joins([head], head, self.behind(active, 2, now_s, waiting), self.ahead_s(active, waiting)):
+        # The partner asked about is one more like the head, not one of `active`: its work is not ahead yet.
+        ahead_s = self.ahead_s(active, waiting) + self.remaining_s(head)
+        if not self._joins([head], head, self.behind(active, 2, now_s, waiting), ahead_s):
             return self.step_s(head) + self.admit_ahead_s
         fits = max(1, self.max_batch_tokens // head.tokens)
         # One replica has no other to keep work for: let it see more of the queue, for partners of one size.
