@@ -189,8 +189,8 @@ class Settings(BaseSettings):
     lora_max_file_bytes: int = Field(2 * 1024**3, ge=1, description="Largest LoRA file fetched or read.")
     lora_max_abs_scale: float = Field(4.0, gt=0, description="Largest |scale| of a LoRA.")
     lora_fetch_timeout_s: float = Field(120.0, gt=0, description="Longest download of one LoRA file.")
-    lora_url_allowed_networks: list[str] = Field(
-        default_factory=list, description="Non-public networks a LoRA URL may reach anyway (JSON list)."
+    lora_url_allowed_networks: EnvNetworks = Field(
+        default_factory=list, description="Non-public networks a LoRA URL may reach anyway (comma-separated or JSON list)."
     )
 
     cost_profile: Path | None = Field(

@@ -6,10 +6,11 @@
 
 Starts the Serve graph on the tiny model (CPU) with two Denoiser replicas (one torch thread each)
 and the cost-aware policy, measures each trace size's unloaded time outside the Denoiser's forwards
-(latency minus the forward time the Denoisers measured), then replays a Poisson trace of mixed sizes and steps through
-HTTP at the recorded times. The same trace goes through benchmarks/simulate.py twice: with the
-step costs the Denoisers measured during the trace (on 2 cores the Decoder and the Ingress take
-CPU from them: steps are slower than alone), and with the isolated CPU profile.
+(latency minus the forward time the Denoisers measured), then replays a trace of mixed sizes and
+steps through HTTP at the recorded times (Poisson, or `--arrivals bursty`: the simulator's bursts).
+The same trace goes through benchmarks/simulate.py twice: with the step costs the Denoisers
+measured during the trace (on 2 cores the Decoder and the Ingress take CPU from them: steps are
+slower than alone), and with the isolated CPU profile.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import RESULTS_DIR, Result, markdown_table, render
-from benchmarks.simulate import Job, quantile, simulate, summary
+from benchmarks.simulate import ARRIVALS, Job, arrivals, quantile, simulate, summary
 from scheduling.cost_model import PROFILES, CostModel, ProfilePoint
 from settings import get_settings
 from tests.harness import denoiser_stats, running_serve, tiny_env
@@ -39,17 +40,15 @@ STEPS = [20, 28, 36]  # long enough that denoising, not the stages around it, do
 
 
 def make_trace(count: int, load: float, cost: CostModel, overheads: dict[tuple[int, int], float],
-               seed: int) -> list[Job]:
+               seed: int, kind: str = "poisson") -> list[Job]:
     rng = random.Random(seed)
     jobs = []
     for _ in range(count):
         size = rng.choice(SIZES)
         jobs.append(Job(0.0, *size, rng.choice(STEPS), overhead_s=overheads[size]))
     rate = load * 2 / statistics.fmean(j.alone_s(cost) for j in jobs)  # of the Denoisers' capacity
-    t = 0.0
-    for job in jobs:
-        t += rng.expovariate(rate)
-        job.at_s = round(t, 3)
+    for job, at in zip(jobs, arrivals(rate, count, rng, kind)):
+        job.at_s = round(at, 3)
     return jobs
 
 
@@ -113,19 +112,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=80)
     parser.add_argument("--load", type=float, default=0.3, help="of two replicas' capacity by the isolated profile")
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--arrivals", choices=ARRIVALS, default="poisson", help="as benchmarks.simulate's")
     parser.add_argument("--profile", type=Path, default=PROFILES / "cpu-tiny.json")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     cost = CostModel.load(args.profile)
     with tempfile.TemporaryDirectory() as tmp:
-        env = tiny_env(get_settings().tiny_dir, Path(tmp), OMP_NUM_THREADS="1", SRPO_COST_PROFILE=str(args.profile))
+        # A burst holds many synchronous requests at once: none may be turned away (429) for the comparison.
+        env = tiny_env(get_settings().tiny_dir, Path(tmp), OMP_NUM_THREADS="1", SRPO_COST_PROFILE=str(args.profile),
+                       SRPO_SYNC_MAX_CONCURRENCY=str(args.requests))
         options = {"Denoiser": {"num_replicas": 2, "autoscaling_config": None}}
         with running_serve(env, {"deployment_options": options}) as base:
             overheads = unloaded_overheads_s(base)
-            jobs = make_trace(args.requests, args.load, cost, overheads, args.seed)
+            jobs = make_trace(args.requests, args.load, cost, overheads, args.seed, args.arrivals)
             before = forward_tallies()
             per_request = asyncio.run(replay(base, jobs))
             in_situ = in_situ_profile(cost, before)
+            after_stats = list(denoiser_stats(2).values())
     measured = sorted(per_request)
     options = {"admit_ahead_s": 0.2}  # as the Denoiser sets it
     simulated_jobs = simulate(jobs, in_situ, "cost", replicas=2, policy_options=options)
@@ -135,22 +138,29 @@ def main(argv: list[str] | None = None) -> None:
     rows = [[name, f"{real[k]:.2f}", f"{simulated[k]:.2f}", f"{real[k] / simulated[k] - 1:+.0%}",
              f"{isolated[k]:.2f}", f"{real[k] / isolated[k] - 1:+.0%}"]
             for name, k in (("mean", "mean_s"), ("p50", "p50_s"), ("p99", "p99_s"))]
+    batch_sizes: dict[str, int] = {}  # forwards by samples, both replicas (shows whether a burst batched)
+    for stats in after_stats:
+        for size, count in stats["batch_sizes"].items():
+            batch_sizes[str(size)] = batch_sizes.get(str(size), 0) + count
+    kind = "cpu-tiny" + ("" if args.arrivals == "poisson" else f"-{args.arrivals}")
     result = Result(
-        name="sim_agreement", kind="cpu-tiny", title="Real system against the simulator (one trace)",
+        name="sim_agreement", kind=kind, title="Real system against the simulator (one trace)",
         device="CPU, tiny model, 2 Denoiser replicas (1 thread each)", date=date.today().isoformat(),
         command=" ".join([".venv/bin/python -m benchmarks.sim_agreement", *(argv or [])]),
         software="Ray Serve graph over HTTP vs benchmarks/simulate.py", weights="tiny preset (random, CPU)",
         table=markdown_table(["latency", "real (s)", "simulated, in-situ profile (s)", "real vs it",
                               "simulated, isolated profile (s)", "real vs it"], rows),
-        notes=[f"{args.requests} requests, Poisson at {args.load:.0%} of two replicas' capacity, sizes {SIZES}, "
-               f"{STEPS} steps; time outside the Denoiser, measured unloaded per size: "
-               + ", ".join(f"{w}x{h} {s * 1000:.0f} ms" for (w, h), s in overheads.items()) + "."],
+        notes=[f"{args.requests} requests, {args.arrivals} arrivals at {args.load:.0%} of two replicas' capacity, "
+               f"sizes {SIZES}, {STEPS} steps; time outside the Denoiser, measured unloaded per size: "
+               + ", ".join(f"{w}x{h} {s * 1000:.0f} ms" for (w, h), s in overheads.items()) + ".",
+               "Forwards by samples (both replicas, whole run): "
+               + ", ".join(f"{n}: {c}" for n, c in sorted(batch_sizes.items(), key=lambda i: int(i[0]))) + "."],
         data={"trace": [asdict(j) for j in jobs], "real_s": per_request, "simulated": simulated,
               "in_situ_profile": in_situ.profile.model_dump(), "simulated_isolated": isolated,
               "simulated_s": [j.finished_s - j.at_s for j in simulated_jobs]},
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sim_agreement.cpu-tiny.json").write_text(json.dumps(asdict(result), indent=2, default=str))
+    (args.out / f"sim_agreement.{kind}.json").write_text(json.dumps(asdict(result), indent=2, default=str))
     print(render(result))
 
 

@@ -28,6 +28,7 @@ import json
 import math
 import random
 import statistics
+import sys
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -38,7 +39,7 @@ from api.schemas import PRESET_SIZES
 from benchmarks.common import RESULTS_DIR, Result, markdown_table, render
 from scheduling.cost_model import PROFILES, CostModel
 from scheduling.dispatch import ReplicaLoad, choose_replica, replica_load
-from scheduling.policy import Active, Policy, make_policy
+from scheduling.policy import Active, Policy, Waiting, make_policy
 from scheduling.split import plan_split
 
 SETUPS = {"today": ("cobatch", "early"), "fcfs": ("fcfs", "front"), "cost": ("cost", "split")}
@@ -63,6 +64,7 @@ class Job:
     admitted_s: float = math.nan
     started_s: float = math.nan
     finished_s: float = math.nan
+    largest_forward: int = 0  # samples in the largest forward it was part of
     remaining: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +116,8 @@ def simulate(jobs: list[Job], cost: CostModel, setup: str, replicas: int, max_ba
         job.admitted_s = now
         rep.jobs.append(job)
         rep.policy.admitted(job.view(), now)
+        # As the router tells the replica with each request: what still waits in front after it.
+        rep.policy.front.report("router", Waiting(len(front), sum(j.alone_s(cost) for j in front)), now)
 
     def place(now: float) -> None:
         while front:
@@ -124,11 +128,11 @@ def simulate(jobs: list[Job], cost: CostModel, setup: str, replicas: int, max_ba
                     return
                 admit(reps[best], front.popleft(), now)
                 continue
-            share = len(front) / replicas  # what a router knows: its own queue
+            queued = len(front)  # what a router knows: its own queue
             loads = {}
             for i, r in enumerate(reps):
-                load = replica_load(cost, r.policy, r.views(), now, up_to=share)  # the same horizon, sooner
-                loads[i] = ReplicaLoad(load.backlog_s, load.horizon_for(share))
+                load = replica_load(cost, r.policy, r.views(), now, up_to=queued)  # the same horizon, sooner
+                loads[i] = ReplicaLoad(load.backlog_s, load.horizon_for(queued))
             job = front[0]
             if dispatch == "split" and job.num_images > 1 and job.whole is None:  # as GraphBackend.parts
                 open_ = [load.backlog_s for load in loads.values() if load.backlog_s <= load.horizon_s]
@@ -150,15 +154,17 @@ def simulate(jobs: list[Job], cost: CostModel, setup: str, replicas: int, max_ba
         if rep.busy or not rep.jobs:
             return
         by_key = {j.key: j for j in rep.jobs}
-        batch = [by_key[a.key] for a in rep.policy.pick(rep.views(), now)]  # as the engine: no view of the queue
+        batch = [by_key[a.key] for a in rep.policy.pick(rep.views(), now)]  # as the engine: the front it was told
         head = batch[0]
+        samples = sum(j.num_images for j in batch)
         for job in batch:
+            job.largest_forward = max(job.largest_forward, samples)
             if math.isnan(job.started_s):
                 job.started_s = now
                 if job.whole is not None and math.isnan(job.whole.started_s):
                     job.whole.started_s = now
         rep.busy = True
-        duration = cost.step_s(head.image_tokens, sum(j.num_images for j in batch), head.mode)
+        duration = cost.step_s(head.image_tokens, samples, head.mode)
         heapq.heappush(events, (now + duration, next(order), "step", (i, batch)))
 
     while events:
@@ -221,14 +227,25 @@ def fal_mix(rng: random.Random) -> Job:
 WORKLOADS = {"1024x768": fixed_size, "fal-mix": fal_mix}
 
 
-def arrivals(rate: float, count: int, rng: random.Random, bursty: bool) -> Iterable[float]:
-    """Poisson arrivals; bursty: the rate alternates between 3x and 1/3x (mean periods 30 s and 90 s),
-    which keeps the same mean."""
+ARRIVALS = ("poisson", "bursty", "heavy")
+
+
+def arrivals(rate: float, count: int, rng: random.Random, kind: str = "poisson") -> Iterable[float]:
+    """Arrival times at a mean `rate`. poisson: exponential gaps; bursty: Poisson whose rate alternates
+    between 3x and 1/3x (mean periods 30 s and 90 s, which keeps the mean); heavy: heavy-tailed gaps
+    (Pareto, shape 1.5: finite mean, infinite variance), so long quiet spells and tight clusters."""
+    if kind not in ARRIVALS:
+        raise ValueError(f"unknown arrivals {kind!r}; choose from {', '.join(ARRIVALS)}")
     t = 0.0
     high_until, low_until = 0.0, 0.0
+    shape = 1.5
     for _ in range(count):
+        if kind == "heavy":
+            t += rng.paretovariate(shape) * (shape - 1) / shape / rate  # Pareto's mean is shape / (shape - 1)
+            yield t
+            continue
         factor = 1.0
-        if bursty:
+        if kind == "bursty":
             while t >= max(high_until, low_until):
                 high_until = t + rng.expovariate(1 / 30)
                 low_until = high_until + rng.expovariate(1 / 90)
@@ -238,12 +255,12 @@ def arrivals(rate: float, count: int, rng: random.Random, bursty: bool) -> Itera
 
 
 def workload(name: str, load: float, replicas: int, count: int, cost: CostModel, seed: int,
-             bursty: bool = False) -> list[Job]:
+             kind: str = "poisson") -> list[Job]:
     rng = random.Random(seed)
     shapes = [WORKLOADS[name](rng) for _ in range(count)]
     mean_alone = statistics.fmean(j.alone_s(cost) for j in shapes)
     rate = load * replicas / mean_alone  # load: of the replicas' capacity running one request at a time
-    for job, at in zip(shapes, arrivals(rate, count, rng, bursty)):
+    for job, at in zip(shapes, arrivals(rate, count, rng, kind)):
         job.at_s = at
     return shapes
 
@@ -251,7 +268,8 @@ def workload(name: str, load: float, replicas: int, count: int, cost: CostModel,
 # --- command line ----------------------------------------------------------------------------
 
 def load_trace(path: Path) -> list[Job]:
-    fields = {f.name for f in dataclasses.fields(Job) if f.init} - {"admitted_s", "started_s", "finished_s"}
+    fields = {f.name for f in dataclasses.fields(Job) if f.init} - {"admitted_s", "started_s", "finished_s",
+                                                                    "largest_forward"}
     return [Job(**{k: v for k, v in item.items() if k in fields}) for item in json.loads(path.read_text())]
 
 
@@ -264,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loads", default="0.5,0.8,0.95")
     parser.add_argument("--replicas", default="1,4,8,16")
     parser.add_argument("--requests", type=int, default=4000, help="per run")
-    parser.add_argument("--bursty", action="store_true")
+    parser.add_argument("--arrivals", choices=ARRIVALS, default="poisson")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -281,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.workloads.split(","):
         for replicas in map(int, args.replicas.split(",")):
             for load in map(float, args.loads.split(",")):
-                jobs = workload(name, load, replicas, args.requests, cost, args.seed, args.bursty)
+                jobs = workload(name, load, replicas, args.requests, cost, args.seed, args.arrivals)
                 cells = []
                 for setup in setups:
                     s = summary(simulate(jobs, cost, setup, replicas, seed=args.seed), cost)
@@ -289,10 +307,10 @@ def main(argv: list[str] | None = None) -> None:
                     cells.append(f"{s['mean_s']:.1f} / {s['p50_s']:.1f} / {s['p99_s']:.1f}")
                 rows.append([name, replicas, f"{load:.0%}", *cells])
                 print(" | ".join(map(str, rows[-1])), flush=True)
-    kind = args.profile.stem + ("-bursty" if args.bursty else "")
+    kind = args.profile.stem + ("" if args.arrivals == "poisson" else f"-{args.arrivals}")
     result = Result(
         name="simulate", kind=kind, title="Scheduling policies in simulation", device=f"simulated ({args.profile.name})",
-        date=date.today().isoformat(), command=" ".join([".venv/bin/python -m benchmarks.simulate", *(argv or [])]),
+        date=date.today().isoformat(), command=" ".join([".venv/bin/python -m benchmarks.simulate", *(sys.argv[1:] if argv is None else argv)]),
         software="benchmarks/simulate.py", weights="none (cost profile)", table=markdown_table(header, rows),
         notes=[(f"{args.requests} requests per run, seed {args.seed}; latency includes "
                 f"{cost.profile.request_overhead_ms:.0f} ms per-request overhead outside the Denoiser.")],

@@ -8,6 +8,8 @@ health, fault injection) go anywhere.
 
 The router lives in the caller's process (the Ingress replica); `denoiser_view` gives the caller
 its view of the replicas, which decides whether a multi-image request is split (GraphBackend).
+Each `denoise` call it sends carries the router's queue (`front`): the replica's policy batches when
+the queue in front of the whole deployment is deep (scheduling/policy.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+import uuid
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -23,6 +26,7 @@ from models.lora_residency import AdapterKey, adapter_key
 from models.request import GenerationRequest
 from scheduling.cost_model import CostModel
 from scheduling.dispatch import BacklogLedger, ReplicaLoad, choose_replica
+from scheduling.policy import Waiting
 
 
 def denoise_steps(request: GenerationRequest) -> int:
@@ -77,6 +81,7 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, **_: Any) -> None:
         self.cost: CostModel | None = None  # the replicas' profile, from their first report
         self.ledger = BacklogLedger(default_horizon_s=0.0, in_flight_s=IN_FLIGHT_S)
+        self.key = uuid.uuid4().hex  # tells this router's reports of its queue apart from other routers'
         self._lock = threading.Lock()  # Serve routes on its own loop; `open_backlogs` is called from the caller's
         self.placed: dict[ReplicaID, dict[str, float]] = {}  # LoRA sets sent to each replica -> last sent at
         # Serve may ship this class by value, a copy with its own module globals: register in the
@@ -92,9 +97,14 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
             if "at_s" in stats:
                 self.ledger.report(replica.replica_id, ReplicaLoad(**stats["load"]), stats["at_s"])
                 self.cost = self.cost or CostModel.load(stats["cost_profile"])
-        share = self.num_pending_requests / max(len(replicas), 1)
+        queued = self.num_pending_requests
         loads = {r.replica_id: self.ledger.load(r.replica_id, now) for r in replicas}
-        return {rid: ReplicaLoad(load.backlog_s, load.horizon_for(share)) for rid, load in loads.items()}
+        return {rid: ReplicaLoad(load.backlog_s, load.horizon_for(queued)) for rid, load in loads.items()}
+
+    def front(self) -> Waiting:
+        """What waits in this router besides the request being routed, each at the mean request's work."""
+        waiting = max(0, self.num_pending_requests - 1)
+        return Waiting(waiting, waiting * (self.ledger.request_s or 0.0))
 
     def open_backlogs(self) -> list[float]:
         """The backlog of every replica that would admit a request now (empty before their first report)."""
@@ -119,6 +129,9 @@ class LeastWorkRouter(FIFOMixin, RequestRouter):
         if work is None:
             return [candidate_replicas]  # before the first report, or not a denoise call: Serve's usual choice
         by_id = {r.replica_id: r for r in candidate_replicas}
+        # The replica's policy batches by the queue in front of the deployment: the request tells it this
+        # router's. Set on every try: FIFOMixin may send an older request (set on its own tries) instead.
+        pending_request.kwargs["front"] = (self.key, self.front())
         chosen = choose_replica(admission, self._lora_miss_s(candidate_replicas, pending_request))
         if chosen is None:
             # Serve's loop calls again at once unless told to back off, and this coroutine never awaits:

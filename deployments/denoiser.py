@@ -32,8 +32,8 @@ from models.loading import load_scheduler_config, load_transformer
 from models.request import GenerationRequest
 from models.text_encoding import PromptEmbedding
 from scheduling.cost_model import CostModel, default_profile_path
-from scheduling.dispatch import backlog_s, replica_load
-from scheduling.policy import make_policy
+from scheduling.dispatch import REQUEST_S_WEIGHT, backlog_s, replica_load
+from scheduling.policy import Waiting, make_policy
 from server.queue.store import RequestStore, open_store
 
 
@@ -51,7 +51,6 @@ class DenoiseUpdate:
 
 
 PROGRESS_INTERVAL_S = 0.1
-REQUEST_S_WEIGHT = 0.1  # of each new request in the running mean of request work
 FAL_DEFAULT_REQUEST = (3072, 28)  # landscape_4_3 (1024x768) image tokens, 28 steps: the work guess before any request
 ROUTING_STATS_PERIOD_S = 0.1  # how often Serve asks for record_routing_stats; routers see it a little later
 
@@ -117,13 +116,17 @@ class Denoiser(ReplicaHealth):
         embedding: PromptEmbedding,
         image_start: tuple[torch.Tensor, torch.Tensor] | None = None,
         acceleration: str = "none",
+        front: tuple[str, Waiting] | None = None,
     ) -> AsyncIterator[DenoiseUpdate]:
         """Stream (call with `.options(stream=True)`): progress updates, the latents last.
 
         Cancelling the call removes the request from the engine before its next forward. An
         `acceleration` this replica cannot run falls back (see models/acceleration.py); the first
-        update's note says so.
+        update's note says so. `front` is filled in by LeastWorkRouter, not by callers: the router
+        and what still waits in it.
         """
+        if front is not None:
+            self.engine.policy.front.report(front[0], front[1], self.engine.clock())
         mode, note = self.accelerator.resolve(acceleration)
         work = request_work_s(self.cost, request, mode)
         self.request_s += REQUEST_S_WEIGHT * (work - self.request_s)
@@ -200,12 +203,15 @@ class Denoiser(ReplicaHealth):
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What the Denoiser's autoscaling policy reads (deployments/autoscaling.py): this replica's
         estimated backlog, the mean work of its recent requests, and the requests waiting in the
-        request store (every replica reads the same count; the policy takes the largest)."""
+        request store (every replica reads the same count; the policy takes the largest). The count
+        is also part of the queue in front that the engine's policy batches by."""
         try:
             self.store = self.store or open_store(self.runtime.settings)
             self.store_waiting = await self.store.pending()
         except Exception:  # an unreachable store: keep the last count (the queue itself reports the outage)
             pass
+        waiting = Waiting(self.store_waiting, self.store_waiting * self.request_s)
+        self.engine.policy.front.report("request store", waiting, self.engine.clock())
         return {"backlog_s": backlog_s(self.cost, self.engine.views()) + self.arriving_s,
                 "request_s": self.request_s, "store_waiting": float(self.store_waiting)}
 

@@ -84,6 +84,7 @@ class CostModel:
         if "none" not in profile.modes:
             raise ValueError("a cost profile needs the 'none' mode")
         self.profile = profile
+        self._step_s: dict[tuple[int, int, str], float] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
@@ -116,6 +117,9 @@ class CostModel:
 
     def step_s(self, image_tokens: int, samples: int, mode: str = "none") -> float:
         """Seconds for one forward of `samples` samples of `image_tokens` each; unprofiled modes cost as 'none'."""
-        curve = self._curves.get(mode, self._curves["none"])
-        return curve(work(image_tokens, samples, self.profile.attention_tokens)) / 1000
+        key = (image_tokens, samples, mode)
+        if (seconds := self._step_s.get(key)) is None:  # the policies ask for the same few shapes all the time
+            curve = self._curves.get(mode, self._curves["none"])
+            seconds = self._step_s[key] = curve(work(image_tokens, samples, self.profile.attention_tokens)) / 1000
+        return seconds
 

@@ -10,6 +10,7 @@ router (deployments/denoise_router.py) and the simulator (benchmarks/simulate.py
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -24,29 +25,41 @@ Key = TypeVar("Key", bound=Hashable)
 class ReplicaLoad:
     backlog_s: float  # estimated remaining work of what it holds
     horizon_s: float  # it takes more while backlog_s is at most this
-    # With at least `wide_after` requests per replica waiting in front, batching pays and the
-    # horizon widens to `wide_horizon_s` (a router knows its queue; the replica does not).
+    # With at least `wide_after` requests waiting in front of the deployment, batching pays and the
+    # horizon widens to `wide_horizon_s` (a router knows its own queue at once; the replica learns of
+    # the queue in front only as requests reach it, and `horizon_s` already counts what it knows).
     wide_horizon_s: float | None = None
     wide_after: float | None = None
 
-    def horizon_for(self, waiting_per_replica: float) -> float:
-        if self.wide_after is not None and waiting_per_replica >= self.wide_after:
+    def horizon_for(self, waiting: float) -> float:
+        if self.wide_after is not None and waiting >= self.wide_after:
             return self.wide_horizon_s
         return self.horizon_s
 
 
+WIDE_AFTER_STEPS = tuple(2**i for i in range(13))  # 1 .. 4096 requests waiting in front
+
+
 def replica_load(cost: CostModel, policy: Policy, active: Sequence[Active], now_s: float,
-                 up_to: float = 256, arriving_s: float = 0.0) -> ReplicaLoad:
+                 up_to: float = WIDE_AFTER_STEPS[-1], arriving_s: float = 0.0) -> ReplicaLoad:
     """What a replica reports to the routers: its backlog (with `arriving_s`, the work of requests it
-    received and has not started yet), its horizon, and from what queue (looked for up to `up_to`
-    requests per replica) it widens."""
+    received and has not started yet), its horizon, and from what queue in front (looked for up to
+    `up_to` requests) it widens."""
     base = policy.horizon_s(active, now_s)
     backlog = backlog_s(cost, active) + arriving_s
-    for waiting in (w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256) if w <= up_to):
-        wide = policy.horizon_s(active, now_s, Waiting(requests=waiting))
+    # A longer queue only adds to the requests behind: the first step that widens, by bisection.
+    steps = [w for w in WIDE_AFTER_STEPS if w <= up_to]
+    request_s = statistics.fmean(a.total_steps * cost.step_s(a.image_tokens, a.samples, a.mode)
+                                 for a in active) if active else 0.0  # what a waiting request is worth
+    low, high, found = 0, len(steps), None
+    while low < high:
+        mid = (low + high) // 2
+        wide = policy.horizon_s(active, now_s, Waiting(steps[mid], steps[mid] * request_s))
         if wide > base:
-            return ReplicaLoad(backlog, base, wide, waiting)
-    return ReplicaLoad(backlog, base)
+            high, found = mid, (wide, steps[mid])
+        else:
+            low = mid + 1
+    return ReplicaLoad(backlog, base, *found) if found else ReplicaLoad(backlog, base)
 
 
 def backlog_s(cost: CostModel, active: Iterable[Active]) -> float:
@@ -65,6 +78,9 @@ def choose_replica(loads: Mapping[Key, ReplicaLoad], extra_s: Mapping[Key, float
     return min(open_)[2] if open_ else None
 
 
+REQUEST_S_WEIGHT = 0.1  # of each new request in a running mean of request work
+
+
 @dataclass
 class BacklogLedger:
     """A router's view of each replica's backlog between the replica's own periodic reports.
@@ -77,6 +93,7 @@ class BacklogLedger:
 
     default_horizon_s: float
     in_flight_s: float = 0.0
+    request_s: float | None = None  # running mean of the work of the requests sent (what a waiting one is worth)
     _reports: dict[Hashable, tuple[float, ReplicaLoad]] = field(default_factory=dict)
     _sent: dict[Hashable, dict[str, tuple[float, float]]] = field(default_factory=dict)  # id -> (sent at, work)
 
@@ -90,6 +107,8 @@ class BacklogLedger:
 
     def sent(self, replica: Hashable, request_id: str, work_s: float, now_s: float) -> None:
         self._sent.setdefault(replica, {})[request_id] = (now_s, work_s)
+        mean = work_s if self.request_s is None else self.request_s
+        self.request_s = mean + REQUEST_S_WEIGHT * (work_s - mean)
 
     def completed(self, replica: Hashable, request_id: str) -> None:
         """A request ended. Routers may send another request than the one they chose for (FIFO):

@@ -41,23 +41,47 @@ class Active:
 
 @dataclass(frozen=True)
 class Waiting:
-    """Work queued in front of this replica (its share), as far as the caller knows."""
+    """Work queued in front of the whole deployment (router queues, the request store): requests and
+    their estimated work alone, as far as the caller knows."""
 
     requests: float = 0.0
     work_s: float = 0.0
 
 
+class QueueInFront:
+    """What waits in front of the deployment, pieced together from reports of several sources (each
+    router as it sends a request, the request store when read). A report is run down from when it was
+    made as if all replicas drained it and nothing arrived: old news counts for less, and a queue that
+    nobody reports again is soon taken as gone."""
+
+    def __init__(self) -> None:
+        self._reports: dict[Hashable, tuple[float, Waiting]] = {}
+
+    def report(self, source: Hashable, waiting: Waiting, at_s: float) -> None:
+        self._reports[source] = (at_s, waiting)
+
+    def at(self, now_s: float, replicas: int) -> Waiting:
+        requests = work_s = 0.0
+        for at_s, waiting in self._reports.values():
+            left = max(0.0, waiting.work_s - max(0.0, now_s - at_s) * replicas)
+            if left > 0:
+                requests += waiting.requests * left / waiting.work_s
+                work_s += left
+        return Waiting(requests, work_s)
+
+
 class Policy(Protocol):
     name: str
     replicas: int  # replicas of the deployment sharing the queue in front
+    front: QueueInFront  # fed by the owner; what `waiting=None` means below
 
-    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> list[Active]:
+    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting | None = None) -> list[Active]:
         """The requests of the next forward: one group, never empty if `active` is not."""
 
     def admitted(self, request: Active, now_s: float) -> None:
         """A request entered this replica (feeds load estimates)."""
 
-    def horizon_s(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> float:
+    def horizon_s(self, active: Sequence[Active], now_s: float, waiting: Waiting | None = None) -> float:
         """Admit more work while the replica's estimated remaining work is at most this."""
 
 
@@ -79,18 +103,19 @@ class _Simple:
 
     def __init__(self, max_batch_tokens: int) -> None:
         self.max_batch_tokens = max_batch_tokens
+        self.front = QueueInFront()  # reported to, never read
 
     def admitted(self, request: Active, now_s: float) -> None:
         pass
 
-    def horizon_s(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> float:
+    def horizon_s(self, active: Sequence[Active], now_s: float, waiting: Waiting | None = None) -> float:
         return 0.0
 
 
 class CoBatch(_Simple):
     name = "cobatch"
 
-    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> list[Active]:
+    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting | None = None) -> list[Active]:
         if not active:
             return []
         ordered = sorted(active, key=lambda a: a.key)
@@ -100,7 +125,7 @@ class CoBatch(_Simple):
 class OneAtATime(_Simple):
     name = "fcfs"
 
-    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> list[Active]:
+    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting | None = None) -> list[Active]:
         return [min(active, key=lambda a: a.key)] if active else []
 
 
@@ -111,7 +136,7 @@ class RequestLevel(CoBatch):
         super().__init__(max_batch_tokens)
         self._batch: set[int] = set()
 
-    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> list[Active]:
+    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting | None = None) -> list[Active]:
         still = [a for a in active if a.key in self._batch]
         batch = still or super().pick(active, now_s)
         self._batch = {a.key for a in batch}
@@ -121,18 +146,29 @@ class RequestLevel(CoBatch):
 class LoadEstimate:
     """Arrival rate and offered load (work per second) over a sliding window of admissions."""
 
-    def __init__(self, window_s: float) -> None:
+    def __init__(self, window_s: float, first_window_s: float) -> None:
         self.window_s = window_s
+        self.first_window_s = first_window_s
+        self._first_s: float | None = None
         self._seen: deque[tuple[float, float]] = deque()  # (time, work alone in seconds)
+        self._work_s = 0.0  # of what _seen holds
 
     def add(self, now_s: float, work_s: float) -> None:
+        self._first_s = now_s if self._first_s is None else self._first_s
         self._seen.append((now_s, work_s))
+        self._work_s += work_s
 
     def rates(self, now_s: float) -> tuple[float, float]:
-        """(requests per second, utilisation); before a full window the idle start counts too."""
+        """(requests per second, utilisation). A fresh replica averages over the time since its first
+        request, but at least `first_window_s`: a burst that meets a new replica counts in full, a
+        single early request does not look like a flood."""
         while self._seen and self._seen[0][0] < now_s - self.window_s:
-            self._seen.popleft()
-        return len(self._seen) / self.window_s, sum(w for _, w in self._seen) / self.window_s
+            self._work_s -= self._seen.popleft()[1]
+        if not self._seen:
+            self._work_s = 0.0  # no rounding drift past an idle spell
+            return 0.0, 0.0
+        span = min(self.window_s, max(self.first_window_s, now_s - self._first_s))
+        return len(self._seen) / span, self._work_s / span
 
 
 class CostAware:
@@ -149,7 +185,14 @@ class CostAware:
     the arrivals expected before the backlog clears (lambda * W / (1 - rho) for this replica's
     arrival rate lambda, load rho and backlog W: a single server's busy period; with R replicas
     sharing one queue in front it drains about R times faster, so the term is divided by R).
-    m joins when s * (1 + behind) > |B| * (c(B+m) - c(B)).
+    What waits in front of the deployment is shared by its R replicas: each counts 1/R of the requests
+    behind, and the busy period runs from its whole work. m joins when
+    s * (1 + behind) > |B| * (c(B+m) - c(B)), and only while the stretch of the head's remaining time
+    to the batch's cost is at most that time plus the work ahead besides the batch (the replica's
+    other requests and its share of the queue in front): otherwise the batch, not the queue, makes
+    the tail.
+    So under a burst, when the queue in front is deep, replicas batch (the saved device time
+    shortens every wait behind), and as it drains they go back to one request at a time.
     Compute-bound sizes save a few percent, so they batch only near saturation; small images save
     more and batch sooner.
     """
@@ -164,6 +207,7 @@ class CostAware:
         wait_factor: float = 4.0,
         wait_slack_s: float = 30.0,
         window_s: float = 300.0,
+        first_window_s: float = 60.0,
         max_load: float = 0.98,
         single_replica_widening: float = 4.0,
         admit_ahead_s: float = 0.0,
@@ -173,8 +217,9 @@ class CostAware:
         self.wait_factor = wait_factor
         self.wait_slack_s = wait_slack_s
         self.max_load = max_load
-        self.load = LoadEstimate(window_s)
+        self.load = LoadEstimate(window_s, first_window_s)
         self.replicas = 1  # of this deployment: set by the owner, it scales the arrivals term
+        self.front = QueueInFront()  # fed by the owner: the queue in front of the deployment
         self.single_replica_widening = single_replica_widening
         self.admit_ahead_s = admit_ahead_s  # routers see a replica's load this late: ask for work that much sooner
 
@@ -197,44 +242,62 @@ class CostAware:
     def admitted(self, request: Active, now_s: float) -> None:
         self.load.add(now_s, self.remaining_s(request))
 
+    def waiting(self, now_s: float, waiting: Waiting | None) -> Waiting:
+        return self.front.at(now_s, self.replicas) if waiting is None else waiting
+
     def behind(self, active: Sequence[Active], batch_size: int, now_s: float, waiting: Waiting) -> float:
         """Requests expected to complete after the next forward, besides the batch's."""
         rate, load = self.load.rates(now_s)
         backlog_s = sum(self.remaining_s(a) for a in active) + waiting.work_s
         arrivals = rate * backlog_s / (1 - min(load, self.max_load))
-        return len(active) - batch_size + waiting.requests + arrivals / self.replicas
+        return len(active) - batch_size + (waiting.requests + arrivals) / self.replicas
 
-    def _joins(self, batch: list[Active], m: Active, behind: float) -> bool:
+    def _joins(self, batch: list[Active], m: Active, behind: float, ahead_s: float) -> bool:
+        """`ahead_s`: this replica's backlog plus its share of the queue in front."""
         head = batch[0]
         samples = sum(a.samples for a in batch)
         alone = self.cost.step_s(head.image_tokens, samples, head.mode)
         together = self.cost.step_s(head.image_tokens, samples + m.samples, head.mode)
         saving = alone + self.step_s(m) - together
-        return saving * (1 + behind) > len(batch) * (together - alone)
+        # The tail: a batch stretches its head's remaining time. Up to its own length is fine (the
+        # partners would have waited that long for it); more only where everything else ahead (not
+        # the batch itself) makes requests wait longer anyway.
+        stretch_s = head.remaining_steps * (together - self.step_s(head))
+        others_s = ahead_s - sum(self.remaining_s(a) for a in batch) - self.remaining_s(m)
+        fits_tail = stretch_s <= self.remaining_s(head) + others_s
+        return saving * (1 + behind) > len(batch) * (together - alone) and fits_tail
 
-    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> list[Active]:
+    def ahead_s(self, active: Sequence[Active], waiting: Waiting) -> float:
+        return sum(self.remaining_s(a) for a in active) + waiting.work_s / self.replicas
+
+    def pick(self, active: Sequence[Active], now_s: float, waiting: Waiting | None = None) -> list[Active]:
         if not active:
             return []
         ordered = self.order(active, now_s)
         batch = [ordered[0]]
         used = batch[0].tokens
+        waiting = self.waiting(now_s, waiting)
         others = self.behind(active, 0, now_s, waiting)  # once per forward: each member makes one fewer behind
+        ahead_s = self.ahead_s(active, waiting)
         for m in ordered[1:]:
             if m.group != batch[0].group or used + m.tokens > self.max_batch_tokens:
                 continue
-            if not self._joins(batch, m, others - (len(batch) + 1)):
+            if not self._joins(batch, m, others - (len(batch) + 1), ahead_s):
                 break  # later candidates have more remaining work: they would gain no more
             batch.append(m)
             used += m.tokens
         return batch
 
-    def horizon_s(self, active: Sequence[Active], now_s: float, waiting: Waiting = Waiting()) -> float:
+    def horizon_s(self, active: Sequence[Active], now_s: float, waiting: Waiting | None = None) -> float:
         """One forward's worth, so the next request is there when this one ends; room for a batch
         when one more request like the head would join it."""
         if not active:
             return 0.0
         head = self.order(active, now_s)[0]
-        if not self._joins([head], head, self.behind(active, 2, now_s, waiting)):
+        waiting = self.waiting(now_s, waiting)
+        # The partner asked about is one more like the head, not one of `active`: its work is not ahead yet.
+        ahead_s = self.ahead_s(active, waiting) + self.remaining_s(head)
+        if not self._joins([head], head, self.behind(active, 2, now_s, waiting), ahead_s):
             return self.step_s(head) + self.admit_ahead_s
         fits = max(1, self.max_batch_tokens // head.tokens)
         # One replica has no other to keep work for: let it see more of the queue, for partners of one size.
