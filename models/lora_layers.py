@@ -6,8 +6,8 @@ each Linear gets a forward hook and a pool of `slots` device-resident adapters p
 Before a forward the caller says which slot each sample uses (`LoraBank.active`); every Linear
 then adds `x @ down[slot] @ up[slot]` per sample, one gathered batched matmul whatever the mix of
 adapters. Slot 0 is all zeros: a sample without an adapter in a mixed forward adds nothing (it
-pays the padded low-rank product, ~2 * rank * (in + out) FLOPs per token, about 4% of a FLUX
-Linear at rank 64), and a forward in which no sample has an adapter runs the module's own path,
+pays the padded low-rank product, ~2 * rank * (in + out) FLOPs per token, about 3% of a FLUX
+block's Linears at rank 64), and a forward in which no sample has an adapter runs the module's own path,
 unchanged.
 
 For torch.compile the adapters are tensors of a fixed shape (slot contents change in place, the
