@@ -252,6 +252,7 @@ def run_store(kind: str, args, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("SRPO_HIGH_THROUGHPUT_INGRESS", "1")  # the data plane the Kubernetes manifests ship
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--clients", type=int, default=500)

@@ -37,7 +37,11 @@ QUIET_ENV = QUIET_LIBRARIES | {
 # take HTTP themselves, and Serve's throughput-optimized settings; about 3x the requests per second of
 # the default proxy (docs/benchmarks.md). Ray reads them once per process, so they are set before Ray
 # starts. HAProxy's frontend speaks plain HTTP: with TLS in http_options, Serve's own proxy is kept.
+# On one machine it is opt-in (SRPO_HIGH_THROUGHPUT_INGRESS=1): a Ray stopped abruptly can leave its
+# HAProxy running on fixed stats and metrics ports, and the next start then never becomes ready (seen
+# in a full test run). The Kubernetes manifests turn it on, where pods do not outlive their Ray.
 HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+HIGH_THROUGHPUT_SWITCH = "SRPO_HIGH_THROUGHPUT_INGRESS"
 # What Ray relays when Serve stops (`serve shutdown` ends its controller with ray.kill during that
 # call, as it always does): not an error, so not shown.
 SERVE_STOP_NOISE = "ServeController.graceful_shutdown failed"
@@ -51,8 +55,10 @@ def _quiet_environment() -> None:
 
 
 def data_plane_env(http_options: dict[str, Any]) -> dict[str, str]:
-    """The environment of Serve's data plane for these http_options: high-throughput unless TLS."""
-    return {} if http_options.get("ssl_certfile") else HIGH_THROUGHPUT_ENV
+    """The environment of Serve's data plane for these http_options: high-throughput when switched on,
+    unless TLS."""
+    wanted = os.environ.get(HIGH_THROUGHPUT_SWITCH, "0").strip().lower() in ("1", "true", "yes")
+    return HIGH_THROUGHPUT_ENV if wanted and not http_options.get("ssl_certfile") else {}
 
 
 def _application_args(app: dict[str, Any]) -> dict[str, Any]:
