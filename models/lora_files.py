@@ -55,10 +55,6 @@ class LoraWeights:
     def nbytes(self) -> int:
         return sum(d.down.nbytes + d.up.nbytes for part in self.parts.values() for d in part.values())
 
-    def rank(self, component: str) -> int:
-        """The largest rank among the component's deltas (0 when the file does not adapt it)."""
-        return max((d.rank for d in self.parts.get(component, {}).values()), default=0)
-
 
 def _shown(keys: list[str]) -> str:
     more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""

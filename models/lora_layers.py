@@ -62,13 +62,6 @@ class LoraBank:
             handle.remove()
         self._hooks.clear()
 
-    @property
-    def nbytes(self) -> int:
-        return sum(s.down.nbytes + s.up.nbytes for s in self.sites.values())
-
-    def slot_nbytes(self) -> int:
-        return self.nbytes // self.slots
-
     def _hook(self, site: _Site):
         # A closure, not a bound method: deep copies of the module (fp8 blocks) then share the bank.
         bank = self
