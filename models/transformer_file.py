@@ -5,8 +5,8 @@ the whole fp32 state dict next to the model; here each tensor is read (memory-ma
 placed one at a time, so memory peaks at the model in its serving dtype plus one tensor.
 
 Many copies are published in BFL's own layout (`double_blocks.0.img_attn.qkv.weight`, ComfyUI adds
-`model.diffusion_model.`): those are cast tensor by tensor as read (never the fp32 model in host
-memory) and renamed by diffusers' own converter. Files stored in fp8 are refused: upcasting them
+`model.diffusion_model.`): those are read the same way, each tensor renamed and split into
+diffusers' parameters as read (models/bfl_layout.py). Files stored in fp8 are refused: upcasting them
 would serve fp8-quality weights as if they were the bf16 model (acceleration `high` makes its own
 fp8 copy with per-row scales from bf16 weights).
 """
@@ -19,15 +19,22 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxTransformer2DModel
-from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from safetensors import safe_open
+
+from models.bfl_layout import COMFYUI_PREFIX, diffusers_names, diffusers_parts, is_bfl_layout
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _FP8_CODES = {"F8_E4M3", "F8_E5M2", "F8_E4M3FN", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 
 
-def _is_bfl_layout(keys: list[str]) -> bool:
-    return any(k.removeprefix("model.diffusion_model.").startswith("double_blocks.") for k in keys)
+def _sources(keys: list[str]) -> dict[str, tuple[str | None, tuple[str, ...]]]:
+    """Each tensor of the file to read: (its BFL name or None in diffusers' layout, the parameters it fills)."""
+    if not is_bfl_layout(keys):
+        return {key: (None, (key,)) for key in keys}
+    # ComfyUI's all-in-one files carry the VAE and text encoders beside `model.diffusion_model.`
+    prefixed = [k for k in keys if k.startswith(COMFYUI_PREFIX)]
+    bfl = {key: key.removeprefix(COMFYUI_PREFIX) for key in prefixed or keys}
+    return {key: (name, diffusers_names(name)) for key, name in bfl.items()}
 
 
 def load_transformer_file(
@@ -46,20 +53,22 @@ def load_transformer_file(
                 f"{weights} stores its weights in fp8 ({', '.join(fp8)}); refused: serve a bf16 or fp32 file "
                 "(acceleration 'high' builds its own fp8 copy with per-row scales)"
             )
-        if _is_bfl_layout(keys):
-            state = convert_flux_transformer_checkpoint_to_diffusers({k: f.get_tensor(k).to(dtype) for k in keys})
-            for key in list(state):  # one tensor at a time to the device
-                state[key] = state.pop(key).to(device)
-        found = set(state) or set(keys)
+        sources = _sources(keys)
+        found = {name for _, names in sources.values() for name in names}
         if found != expected:
             missing, unexpected = sorted(expected - found), sorted(found - expected)
             raise ValueError(
                 f"{weights} does not match the transformer config: missing {missing[:5]} ({len(missing)}), "
                 f"unexpected {unexpected[:5]} ({len(unexpected)})"
             )
-        if not state:
-            for key in keys:
+        for key, (bfl, names) in sources.items():  # one file tensor in memory at a time, cast as read
+            if bfl is None:
                 state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+                continue
+            parts = diffusers_parts(bfl, f.get_tensor(key).to(dtype), model.inner_dim)
+            for name, part in zip(names, parts):
+                # copy: a part that is a view would keep its fused sibling's storage alive and shared
+                state[name] = part.to(device, copy=len(parts) > 1)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
