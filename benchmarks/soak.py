@@ -8,7 +8,8 @@ file) on 127.0.0.1, all on loopback. First a closed loop of `--calibrate-clients
 the capacity (requests per second, this mix); then requests arrive at random (Poisson) at `--load`
 of it for `--duration` seconds, half synchronous, half queued, one in five of 2 images. Faults at
 random times (seeded: `--seed`), spread over the run: model-stage replicas SIGKILLed, a GPU node
-removed (its processes SIGKILLed) and a new one added later, the queue's Redis restarted.
+removed (its processes SIGKILLed) and a new one added later, the queue's Redis stopped for
+`--redis-down-s` and started again.
 
 At the end every accepted request must have completed: each synchronous one answered 200, each
 queued one COMPLETED with its result; queued submissions refused while Redis was down were never
@@ -49,8 +50,9 @@ STAGES = ("TextEncoder", "Denoiser", "Decoder")  # retried on a lost replica (se
 KINDS = (("ServeReplica:srpo:Ingress", "ingress"), ("ServeReplica:srpo:Denoiser", "denoiser"),
          ("ServeReplica:srpo:TextEncoder", "text encoder"), ("ServeReplica:srpo:Decoder", "decoder"),
          ("ServeController", "serve controller"), ("ProxyActor", "serve proxy"), ("gcs_server", "gcs"),
-         ("raylet", "raylet"), ("redis-server", "redis (queue)"), ("runtime_env_agent", "runtime env agent"),
-         ("dashboard_agent", "dashboard agent"), ("log_monitor", "log monitor"), ("ray::IDLE", "idle worker"))
+         ("raylet", "raylet"), ("redis-server", "redis (queue)"), ("RuntimeEnvAgent", "runtime env agent"),
+         ("DashboardAgent", "dashboard agent"), ("log_monitor", "log monitor"), ("ray::IDLE", "idle worker"),
+         ("autoscaler/_private/monitor.py", "autoscaler monitor"), ("dashboard/dashboard.py", "dashboard"))
 
 
 def request(rng: random.Random, i: int) -> dict[str, Any]:
@@ -62,7 +64,7 @@ def kind_of(process: psutil.Process) -> str:
     line = " ".join(process.cmdline())
     if process.pid == os.getpid():
         return "driver (this script)"
-    return next((kind for part, kind in KINDS if part in line), f"other: {process.name()}")
+    return next((kind for part, kind in KINDS if part in line), f"other: {line[:60]}")
 
 
 def rss_by_kind() -> dict[str, dict[str, float]]:
@@ -99,8 +101,8 @@ class QueueRedis:
 
 
 class Soak:
-    def __init__(self, local: LocalCluster, redis: QueueRedis, seed: int) -> None:
-        self.local, self.redis = local, redis
+    def __init__(self, local: LocalCluster, redis: QueueRedis, redis_down_s: float, seed: int) -> None:
+        self.local, self.redis, self.redis_down_s = local, redis, redis_down_s
         self.rng, self.fault_rng = random.Random(seed), random.Random(seed + 1)
         self.began = time.monotonic()
         self.events: list[tuple[float, str]] = []
@@ -115,6 +117,8 @@ class Soak:
     def count(self, outcome: str) -> None:
         with self.lock:
             self.outcomes[outcome] += 1
+        if not outcome.endswith(" 200"):  # when, to lay it against the faults
+            self.note(outcome)
 
     # The load -----------------------------------------------------------------------------------
 
@@ -198,6 +202,7 @@ class Soak:
     def restart_redis(self) -> None:
         self.redis.stop()
         self.note("queue Redis stopped")
+        time.sleep(self.redis_down_s)  # the outage itself: a Redis pod's restart
         self.redis.start()
         self.note("queue Redis started again")
 
@@ -253,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate-s", type=float, default=40)
     parser.add_argument("--calibrate-clients", type=int, default=4)
     parser.add_argument("--sample-every", type=float, default=60)
+    parser.add_argument("--redis-down-s", type=float, default=5, help="how long the queue's Redis stays down")
     parser.add_argument("--seed", type=int, default=26)
     parser.add_argument("--out", type=Path)
     opts = parser.parse_args(argv)
@@ -265,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                               "seed": opts.seed}
     try:
         with local_cluster(env) as local:
-            soak = Soak(local, redis, opts.seed)
+            soak = Soak(local, redis, opts.redis_down_s, opts.seed)
             deploy(local, {"deployment_options": cluster_options(2)})
             capacity = soak.capacity(opts.calibrate_s, opts.calibrate_clients)
             rate = opts.load * capacity
