@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         redis.process.terminate()
         redis.process.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)  # the tiny model, the outputs, Redis's file
     failed = {k: v for k, v in report["outcomes"].items() if k.startswith("sync") and not k.endswith(" 200")}
     report["failed_sync"] = failed
     text = json.dumps(report, indent=2)
