@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import socket
 import ssl
 import tempfile
@@ -13,6 +14,7 @@ from typing import Any, Iterator
 
 import httpx
 import ray
+import redis
 import yaml
 from ray import serve
 
@@ -97,6 +99,26 @@ def _data_plane_env(http_options: dict[str, Any]) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         }
     return env
+
+
+def start_redis(port: int, folder: Path) -> subprocess.Popen:
+    """A redis-server on 127.0.0.1 that keeps its data in an append-only file in `folder`: stopped with
+    SIGTERM and started again on the same port and folder, it has lost nothing (a restarted Redis)."""
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+         "--appendfsync", "always", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    wait_until(lambda: _answers(client), 10, "redis-server")
+    return server
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 def tiny_env(tiny_root: Path, storage: Path, **extra: str) -> dict[str, str]:

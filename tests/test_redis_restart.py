@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 
-from tests.harness import free_port, running_serve, tiny_env, wait_until
+from tests.harness import free_port, running_serve, start_redis, tiny_env, wait_until
 from tests.queue_helpers import REQUESTS, denoised_samples, step_logs, wait_status
 
 T2I = "fal-ai/flux/srpo"
@@ -38,28 +36,10 @@ class _Webhooks(BaseHTTPRequestHandler):
         return None
 
 
-def _start_redis(port: int, folder: Path) -> subprocess.Popen:
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-         "--appendfsync", "always", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    wait_until(lambda: _answers(client), 10, "redis-server")
-    return server
-
-
-def _answers(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
 def test_a_restarted_redis_loses_no_request_and_runs_none_twice(tiny_root, tmp_path):
     port, folder = free_port(), tmp_path / "redis"
     folder.mkdir()
-    redis_server = _start_redis(port, folder)
+    redis_server = start_redis(port, folder)
     hooks = ThreadingHTTPServer(("127.0.0.1", 0), _Webhooks)
     threading.Thread(target=hooks.serve_forever, daemon=True).start()
     webhook = f"http://127.0.0.1:{hooks.server_address[1]}/hook"
@@ -74,7 +54,7 @@ def test_a_restarted_redis_loses_no_request_and_runs_none_twice(tiny_root, tmp_p
             redis_server.send_signal(signal.SIGTERM)  # a clean shutdown writes the append-only file
             redis_server.wait(timeout=30)
             time.sleep(1.0)  # the outage itself: the replicas keep running their requests meanwhile
-            redis_server = _start_redis(port, folder)
+            redis_server = start_redis(port, folder)
             for request_id in ids:
                 status = wait_status(client, request_id, lambda b: b["status"] == "COMPLETED", timeout_s=180)
                 assert "error" not in status, status
