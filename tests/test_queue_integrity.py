@@ -20,9 +20,11 @@ from server.queue.worker import QueueWorker
 from server.service import InProcessBackend, SRPOService
 from settings import Settings, get_settings
 from tests.conftest import CPU
+from tests.gate import gate_server
 from tests.harness import wait_until
 
 T2I = "fal-ai/flux/srpo"
+I2I = f"{T2I}/image-to-image"
 REQUESTS = "/queue/fal-ai/flux/requests"
 BODY = {"prompt": "a red fox", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2, "seed": 1}
 
@@ -73,10 +75,11 @@ def test_a_request_whose_replicas_keep_dying_ends_with_an_error(pipeline, tmp_pa
 
 
 def test_start_timeout_and_request_deadline_are_504s(pipeline, tmp_path):
-    settings = _settings(tmp_path, queue_concurrency=1, request_timeout_s=1.0)  # the blocker needs >= 2.5 s
-    with TestClient(build_app(SRPOService(InProcessBackend(pipeline), settings))) as client:
-        slow = BODY | {"image_size": {"width": 1024, "height": 1024}, "num_inference_steps": 50}
-        blocker = client.post(f"/queue/{T2I}", json=slow).json()["request_id"]
+    settings = _settings(tmp_path, queue_concurrency=1, request_timeout_s=1.0,
+                         image_url_allowed_networks=["127.0.0.1/32"])
+    # The gate stays shut: a request held there outlasts its deadline on any machine.
+    with gate_server() as gate, TestClient(build_app(SRPOService(InProcessBackend(pipeline), settings))) as client:
+        blocker = client.post(f"/queue/{I2I}", json=gate.held_body()).json()["request_id"]
         waiting = client.post(f"/queue/{T2I}", json=BODY, headers={"X-Fal-Request-Timeout": "0.5"})
         waiting = waiting.json()["request_id"]
 
@@ -88,8 +91,8 @@ def test_start_timeout_and_request_deadline_are_504s(pipeline, tmp_path):
         assert result.status_code == 504 and result.headers["x-fal-request-timeout-type"] == "user"
 
         began = time.monotonic()
-        sync = client.post(f"/{T2I}", json=slow)
-        assert sync.status_code == 504 and time.monotonic() - began < 10, sync.text
+        sync = client.post(f"/{I2I}", json=gate.held_body())
+        assert sync.status_code == 504 and time.monotonic() - began < 10, sync.text  # cut at 1 s, not the gate's 60
         bad = client.post(f"/queue/{T2I}", json=BODY, headers={"X-Fal-Request-Timeout": "soon"})
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["header", "x-fal-request-timeout"]
 
