@@ -28,16 +28,14 @@ from pathlib import Path
 
 import httpx
 import ray
-import yaml
 from ray import serve
-from ray.serve.schema import ServeDeploySchema
 
 from models.tiny import ensure_tiny_model
-from tests.harness import APP_NAME, free_port, tiny_env
+from tests.harness import (APP_NAME, app_running, config_deployment, deploy_config, free_port, shipped_config,
+                           tiny_env, wait_until)
 
 T2I = "fal-ai/flux/srpo"
 REQUESTS = "/queue/fal-ai/flux/requests"
-SHIPPED = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
 
 def request(i: int) -> dict:
@@ -51,18 +49,12 @@ def replicas() -> set[str]:
             if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#")}
 
 
-def deployment(config: dict, name: str) -> dict:
-    (app,) = config["applications"]
-    return next(d for d in app["deployments"] if d["name"] == name)
-
-
 def configs(env: dict[str, str]) -> tuple[dict, dict, dict]:
     """The shipped config, the same with an in-place change, and that with a code change."""
-    first = yaml.safe_load(SHIPPED.read_text())
-    first["applications"][0]["runtime_env"] = {"env_vars": env}
+    first = shipped_config(env)
     in_place = copy.deepcopy(first)
-    deployment(in_place, "Ingress")["max_ongoing_requests"] = 48
-    deployment(in_place, "Denoiser")["autoscaling_config"]["downscale_delay_s"] = 30
+    config_deployment(in_place, "Ingress")["max_ongoing_requests"] = 48
+    config_deployment(in_place, "Denoiser")["autoscaling_config"]["downscale_delay_s"] = 30
     code = copy.deepcopy(in_place)
     code["applications"][0]["runtime_env"]["env_vars"]["SRPO_BUILD"] = "v2"
     return first, in_place, code
@@ -70,13 +62,9 @@ def configs(env: dict[str, str]) -> tuple[dict, dict, dict]:
 
 def apply(config: dict, timeout_s: float = 300) -> None:
     """Send the config to Serve's controller (as KubeRay does) and wait until the app is RUNNING."""
-    serve.context._get_global_client().deploy_apps(ServeDeploySchema(**{
-        k: v for k, v in config.items() if k == "applications"}))
-    deadline = time.monotonic() + timeout_s
+    deploy_config(config)
     time.sleep(1)  # the controller takes the new target on its next loop
-    while str(serve.status().applications[APP_NAME].status) != "ApplicationStatus.RUNNING":
-        assert time.monotonic() < deadline, "the application never became RUNNING"
-        time.sleep(0.5)
+    wait_until(app_running, timeout_s, "the application to be RUNNING")
 
 
 def main() -> int:

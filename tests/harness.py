@@ -17,11 +17,13 @@ import ray
 import redis
 import yaml
 from ray import serve
+from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 from deployments.app import build_app
 from deployments.launch import data_plane_env
 
 APP_NAME = "srpo"
+SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
 
 def free_port() -> int:
@@ -37,8 +39,12 @@ def running_serve(
     tls: tuple[Path, Path, Path] | None = None,
     secrets: dict[str, str] | None = None,
     metrics_port: int | None = None,
+    config: dict[str, Any] | None = None,
 ) -> Iterator[str]:
     """Start Ray + Serve on 127.0.0.1 with `env` for every replica; yield the base URL.
+
+    `config`: a Serve config (`shipped_config`) whose applications are deployed the way KubeRay applies
+    `serveConfigV2` (`deploy_config`) instead of `build_app(args)` through `serve.run`.
 
     `tls` is (certificate, key, CA that signed it): Serve's proxy then speaks HTTPS. `secrets` reach the replicas
     through the process environment they inherit, not the runtime_env, which Ray logs. `metrics_port`: the
@@ -71,7 +77,11 @@ def running_serve(
                 os.environ[key] = value
     try:
         serve.start(http_options=http_options)
-        serve.run(build_app(args or {}), name=APP_NAME, route_prefix="/")
+        if config is None:
+            serve.run(build_app(args or {}), name=APP_NAME, route_prefix="/")
+        else:
+            deploy_config(config)
+            wait_until(app_running, 300, "the application to be RUNNING")
         base = f"{scheme}://127.0.0.1:{port}"
         verify = ssl.create_default_context(cafile=str(tls[2])) if tls else True
         deadline = time.monotonic() + 60
@@ -83,6 +93,30 @@ def running_serve(
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def shipped_config(env: dict[str, str]) -> dict[str, Any]:
+    """serve_config.yaml with `env` in the application's runtime_env."""
+    config = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    config["applications"][0]["runtime_env"] = {"env_vars": env}
+    return config
+
+
+def config_deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The entry of deployment `name` in a Serve config's one application."""
+    (app,) = config["applications"]
+    return next(d for d in app["deployments"] if d["name"] == name)
+
+
+def deploy_config(config: dict[str, Any]) -> None:
+    """Send a Serve config's applications to Serve's controller, as KubeRay applies `serveConfigV2`;
+    Serve moves to it in the background (in place, or rolling: docs/operations.md)."""
+    serve.context._get_global_client().deploy_apps(ServeDeploySchema(applications=config["applications"]))
+
+
+def app_running() -> bool:
+    app = serve.status().applications.get(APP_NAME)
+    return app is not None and app.status == ApplicationStatus.RUNNING
 
 
 def _data_plane_env(http_options: dict[str, Any]) -> dict[str, str]:
@@ -155,7 +189,7 @@ def wait_until(predicate, timeout_s: float, what: str) -> None:
 def default_config_copy(tmp_path: Path, tiny_root: Path) -> tuple[Path, int, dict[str, str]]:
     """serve_config.yaml on a free port, written under `tmp_path`, and the environment that keeps the
     tiny preset's outputs and queue there: (config path, port, env) for a subprocess."""
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve_config.yaml").read_text())
+    config = yaml.safe_load(SHIPPED_CONFIG.read_text())
     port = free_port()
     config["http_options"]["port"] = port
     path = tmp_path / "serve_config.yaml"

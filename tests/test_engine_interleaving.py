@@ -185,9 +185,8 @@ def test_a_request_joins_at_the_next_step_or_waits_for_the_batch(pipe, policy):
                 seen_first_at_join.append(first.step)
 
         futures.append(engine.submit(first, on_first))
-        while len(futures) < 2 or not all(f.done() for f in futures):
-            await asyncio.sleep(0.001)
-        return [f.result() for f in futures]
+        await asyncio.wait_for(futures[0], 120)  # its second step submitted the other request
+        return [await asyncio.wait_for(f, 120) for f in futures]
 
     latents = asyncio.run(scenario())
     # Co-batching: the second request's first step shares the first's third forward. Request-level
