@@ -7,11 +7,8 @@ it over `InProcessBackend`.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import math
 import logging
-import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Awaitable, Callable
 
@@ -23,20 +20,21 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from api.schemas import (ERROR_TYPE_HEADER, REQUEST_ID_HEADER, ImageToImageInput, Output, TextToImageInput,
                          readable_errors)
-from server.errors import ServiceError, default_error_type
+from server.errors import ServiceError
 from server.body_limit import BodyLimit
+from server.envelope import ApiKeys, RequestIds, is_openai
 from server.fal_proxy import FalProxyRoute
 from server.headers import FalHeaders
 from server.images import CONTENT_TYPES
-from server.logging_context import install as tag_logs_with_request_ids, request_context
+from server.logging_context import install as tag_logs_with_request_ids
 from server.openai_api import OpenAIError, from_validation_error, openai_router
 from server.periodic import every
-from server.playground import is_public_page, mount_pages
+from server.playground import mount_pages
 from server.queue.routes import queue_router
 from server.queue.store import RequestStore, open_store
 from server.queue.worker import QueueWorker
 from server.service import FalInput, SRPOService
-from server.telemetry import http_telemetry
+from server.telemetry import HttpTelemetry
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -87,7 +85,7 @@ def build_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if _is_openai(request):  # OpenAI's clients expect 400 and their error shape
+        if is_openai(request.url.path):  # OpenAI's clients expect 400 and their error shape
             return from_validation_error(exc).response()
         # FastAPI's own body, but an input of NaN or Infinity is echoed as text (JSON has no such number)
         # and a long one is cut, so a 20 MB prompt is not sent back.
@@ -100,31 +98,9 @@ def build_app(
     # Middleware added later wraps the earlier ones: proxy rewrite > CORS > request id > API key > body cap.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
-    @app.middleware("http")
-    async def api_key(request: Request, call_next):
-        if settings.api_keys and not _public(request) and not _key_accepted(request, settings.api_keys):
-            if _is_openai(request):
-                return OpenAIError(401, "Missing or invalid API key (send 'Authorization: Bearer <key>')",
-                                   code="invalid_api_key").response()
-            return JSONResponse({"detail": "Missing or invalid API key (send 'Authorization: Key <key>')"},
-                                status_code=401, headers={"WWW-Authenticate": "Key"})
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        rid = str(uuid.uuid4())
-        with request_context(rid):  # every log line of the request carries its id
-            try:
-                response = await call_next(request)
-            except Exception:  # never a stack trace in a body
-                logger.exception("unhandled error in request")
-                response = JSONResponse({"detail": "Internal server error"}, status_code=500)
-        if response.status_code >= 400 and request.url.path != "/health":
-            response = await _with_error_type(response)
-        response.headers.setdefault(REQUEST_ID_HEADER, rid)
-        return response
-
-    app.middleware("http")(http_telemetry(service.telemetry))  # outside request_id: sees the error types
+    app.add_middleware(ApiKeys, keys=settings.api_keys)
+    app.add_middleware(RequestIds)
+    app.add_middleware(HttpTelemetry, telemetry=service.telemetry)  # outside RequestIds: sees the error types
 
     app.add_middleware(
         CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
@@ -201,40 +177,3 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-async def _with_error_type(response: Response) -> Response:
-    """fal's contract: every failure names its error_type in the body and in X-Fal-Error-Type."""
-    if hasattr(response, "body_iterator"):  # error bodies are small: read them whole
-        body = b"".join([chunk async for chunk in response.body_iterator])
-    else:
-        body = response.body
-    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    if isinstance(data, dict) and "error" not in data:  # "error": OpenAI's shape, which has its own type
-        error_type = data.setdefault("error_type", headers.get(ERROR_TYPE_HEADER) or default_error_type(
-            response.status_code))
-        headers[ERROR_TYPE_HEADER] = error_type
-        return JSONResponse(data, status_code=response.status_code, headers=headers)
-    return Response(body, status_code=response.status_code, headers=headers)
-
-
-def _public(request: Request) -> bool:
-    """Health (probes), files (unguessable names) and the pages need no key; CORS preflights carry none."""
-    path = request.url.path
-    return (request.method == "OPTIONS" or path in ("/health", "/livez") or path.startswith("/files/")
-            or is_public_page(path))
-
-
-def _is_openai(request: Request) -> bool:
-    return request.url.path.startswith("/v1/")
-
-
-def _key_accepted(request: Request, keys: list[str]) -> bool:
-    """fal's `Authorization: Key <key>`; on the OpenAI routes also OpenAI's `Bearer <key>`."""
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    schemes = ("key", "bearer") if _is_openai(request) else ("key",)
-    if scheme.lower() not in schemes or not given:
-        return False
-    return any(hmac.compare_digest(given.strip().encode(), key.encode()) for key in keys)

@@ -8,10 +8,9 @@ Endpoint and mode names are the values of the metrics' tags.
 from __future__ import annotations
 
 import time
-from typing import Awaitable, Callable
 
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.queue_schemas import ENDPOINTS
 from api.schemas import ERROR_TYPE_HEADER
@@ -54,36 +53,41 @@ class Telemetry:
         for one to start it."""
 
 
-Middleware = Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]
-
-
-def http_telemetry(telemetry: Telemetry) -> Middleware:
-    """An HTTP middleware reporting the generation routes: every synchronous request (its latency,
+class HttpTelemetry:
+    """Plain ASGI middleware reporting the generation routes: every synchronous request (its latency,
     outcome and the number running) and every refused queue submission. Accepted submissions are
     reported by the queue worker when they end. Add it outside the middleware that sets error types."""
-    in_flight = 0
 
-    async def middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        nonlocal in_flight
-        route = ROUTES.get(request.url.path) if request.method == "POST" else None
+    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
+        self.app, self.telemetry = app, telemetry
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = ROUTES.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if route is None:
-            return await call_next(request)
+            await self.app(scope, receive, send)
+            return
         endpoint, mode = route
         sync, began = mode == "sync", time.perf_counter()
+        status, error_type = 500, None
+
+        async def seen(message: Message) -> None:
+            nonlocal status, error_type
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                error_type = Headers(raw=message["headers"]).get(ERROR_TYPE_HEADER)
+            await send(message)
+
         if sync:
-            in_flight += 1
-            telemetry.requests_running(mode, in_flight)
+            self.in_flight += 1
+            self.telemetry.requests_running(mode, self.in_flight)
         try:
-            response = await call_next(request)
+            await self.app(scope, receive, seen)
         finally:
             if sync:
-                in_flight -= 1
-                telemetry.requests_running(mode, in_flight)
-        failed = response.status_code >= 400
-        if sync or failed:
+                self.in_flight -= 1
+                self.telemetry.requests_running(mode, self.in_flight)
+        if sync or status >= 400:
             # OpenAI's error bodies carry no X-Fal-Error-Type: their status names them.
-            error_type = response.headers.get(ERROR_TYPE_HEADER) or default_error_type(response.status_code)
-            telemetry.request_finished(endpoint, mode, time.perf_counter() - began, error_type if failed else None)
-        return response
-
-    return middleware
+            error_type = (error_type or default_error_type(status)) if status >= 400 else None
+            self.telemetry.request_finished(endpoint, mode, time.perf_counter() - began, error_type)
