@@ -95,6 +95,14 @@ def build_app(
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail, "error_type": exc.error_type}, status_code=exc.status_code)
 
+    async def store_unreachable(_: Request, exc: Exception) -> JSONResponse:
+        logger.warning("The request store cannot be reached: %s", exc)
+        return JSONResponse({"detail": "The request queue's store cannot be reached; retry later",
+                             "error_type": "store_unavailable"}, status_code=503, headers={"Retry-After": "5"})
+
+    for unreachable in worker.store.unreachable:
+        app.add_exception_handler(unreachable, store_unreachable)
+
     # Middleware added later wraps the earlier ones: proxy rewrite > CORS > request id > API key > body cap.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 

@@ -52,7 +52,11 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
                          retry=headers.retry, priority=headers.priority, base_url=base, webhook_url=fal_webhook)
         limit = settings.queue_max_pending if max_queue_length is None else min(settings.queue_max_pending,
                                                                                  max_queue_length)
-        position = await store.enqueue(new, limit)
+        try:
+            position = await store.enqueue(new, limit)
+        except store.unreachable:  # nothing was stored: the app answers 503, the client retries
+            await payloads.delete([input_ref] if input_ref else [])
+            raise
         if position is None:  # nothing was stored: a client's retry cannot double the work
             await payloads.delete([input_ref] if input_ref else [])
             detail = "The queue is full (SRPO_QUEUE_MAX_PENDING, or the request's fal_max_queue_length); retry later"

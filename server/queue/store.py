@@ -162,6 +162,9 @@ class RequestStore(ABC):
     `low_priority_max_wait_s`: then it goes ahead of the normal ones submitted after it, so it never
     starves. Queue positions count normal requests first (the starvation bound aside)."""
 
+    # Errors that say the store could not be reached, so nothing was written: the app answers them 503.
+    unreachable: tuple[type[Exception], ...] = ()
+
     def __init__(self, ttl_s: float, low_priority_max_wait_s: float = 300.0) -> None:
         self.ttl_s = ttl_s
         self.low_priority_max_wait_s = low_priority_max_wait_s
@@ -747,6 +750,7 @@ class RedisRequestStore(RequestStore):
             timeout=REDIS_POOL_WAIT_S,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 5), retry_on_error=[ConnectionError, TimeoutError],
         ))
+        self.unreachable = (ConnectionError,)  # after the retries above: Redis is down, not slow
         self._waiting = self.PREFIX + "waiting"
         self._waiting_low = self._waiting + ":low"  # the scripts derive the same name
         self._running = self.PREFIX + "running"
