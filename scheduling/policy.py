@@ -208,7 +208,7 @@ class CostAware:
         wait_slack_s: float = 30.0,
         window_s: float = 300.0,
         first_window_s: float = 60.0,
-        max_load: float = 0.98,
+        max_load: float = 0.9,
         single_replica_widening: float = 4.0,
         admit_ahead_s: float = 0.0,
     ) -> None:
@@ -216,6 +216,9 @@ class CostAware:
         self.max_batch_tokens = max_batch_tokens
         self.wait_factor = wait_factor
         self.wait_slack_s = wait_slack_s
+        # While work waits in front, a replica admits about what it can run, whatever is offered: its
+        # load estimate reads ~1 at 95% load as in overload, and 1 / (1 - load) would take every short
+        # queue for the start of an endless busy period. Overload shows in the queue in front instead.
         self.max_load = max_load
         self.load = LoadEstimate(window_s, first_window_s)
         self.replicas = 1  # of this deployment: set by the owner, it scales the arrivals term

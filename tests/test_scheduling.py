@@ -189,3 +189,17 @@ def test_the_queue_in_front_adds_its_sources_and_runs_down_between_reports():
     assert front.at(130.0, replicas=2) == Waiting(0.0, 0.0)  # two replicas drained 60 s of work by then
     front.report("router a", Waiting(1, 4.0), at_s=102.0)  # a newer report replaces the router's last
     assert front.at(102.0, replicas=1) == Waiting(pytest.approx(5.75), pytest.approx(23.0))
+
+
+def test_a_replica_busy_all_window_runs_alone_while_the_queue_in_front_is_short():
+    """One of eight H100 replicas has admitted a 4 s request every 4 s for 5 minutes (its admissions read
+    a load of 1, as at 95% load with work waiting in front as in overload). A queue of a few requests in
+    front, usual at 95%, is no sign of a long busy period: it runs alone; hundreds waiting: it batches."""
+    policy = CostAware(H100, 16384)
+    policy.replicas = 8
+    for i in range(75):
+        policy.admitted(active(i), 4.0 * i)
+    held = [active(100 + i) for i in range(4)]
+    assert policy.load.rates(300.0)[1] >= 0.98
+    assert len(policy.pick(held, 300.0, Waiting(requests=4, work_s=16.0))) == 1
+    assert len(policy.pick(held, 300.0, Waiting(requests=200, work_s=800.0))) == 4
