@@ -35,7 +35,7 @@ def _public(method: str, path: str) -> bool:
     return method == "OPTIONS" or path in ("/health", "/livez") or path.startswith("/files/") or is_public_page(path)
 
 
-def key_accepted(headers: Headers, path: str, keys: list[str]) -> bool:
+def _key_accepted(headers: Headers, path: str, keys: list[str]) -> bool:
     """fal's `Authorization: Key <key>`; on the OpenAI routes also OpenAI's `Bearer <key>`."""
     scheme, _, given = headers.get("authorization", "").partition(" ")
     schemes = ("key", "bearer") if is_openai(path) else ("key",)
@@ -50,7 +50,7 @@ class ApiKeys:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or not self.keys or _public(scope["method"], scope["path"])
-                or key_accepted(Headers(scope=scope), scope["path"], self.keys)):
+                or _key_accepted(Headers(scope=scope), scope["path"], self.keys)):
             await self.app(scope, receive, send)
             return
         if is_openai(scope["path"]):

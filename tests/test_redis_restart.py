@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
+from fastapi.testclient import TestClient
 
+from models.pipeline import SRPOPipeline
+from server.app import build_app
+from server.service import InProcessBackend, SRPOService
+from settings import get_settings
+from tests.conftest import CPU
 from tests.harness import free_port, running_serve, start_redis, tiny_env, wait_until
 from tests.queue_helpers import REQUESTS, denoised_samples, step_logs, wait_status
 
@@ -67,3 +74,16 @@ def test_a_restarted_redis_loses_no_request_and_runs_none_twice(tiny_root, tmp_p
         hooks.shutdown()
         redis_server.terminate()
         redis_server.wait(timeout=10)
+
+
+def test_a_submit_that_cannot_reach_redis_is_503_with_retry_after(tiny_model_dir, tmp_path):
+    """Nothing was stored, so the answer is fal's overload answer (503 with Retry-After, which the JS
+    client retries), not a 500. Redis is a port nothing listens on."""
+    settings = get_settings().model_copy(update={"storage_dir": tmp_path / "files",
+                                                 "redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    pipeline = SRPOPipeline(tiny_model_dir, None, CPU, torch.float32)
+    with TestClient(build_app(SRPOService(InProcessBackend(pipeline), settings))) as client:
+        refused = client.post(f"/queue/{T2I}", json=body(0))
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "5"
+        assert refused.headers["x-fal-error-type"] == refused.json()["error_type"] == "store_unavailable"
