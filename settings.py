@@ -149,8 +149,9 @@ class Settings(BaseSettings):
                     "for a change (a long poll: fal's Python client polls every 0.1 s); 0 answers at once.",
     )
     queue_drain_s: float = Field(
-        15.0, ge=0, description="A stopping ingress replica's time to finish queued work before handing it back "
-        "(keep below the deployment's graceful_shutdown_timeout_s).",
+        15.0, ge=0, description="A stopping ingress replica's time to finish queued work before handing it back; "
+        "it begins after Serve's own drain (30 s behind HAProxy), and the Ingress's graceful_shutdown_timeout_s "
+        "(60 s) must cover both.",
     )
     request_timeout_s: float = Field(
         600.0, gt=0, description="Longest run of one request (all attempts); past it: 504 request_timeout.",

@@ -194,7 +194,9 @@ class GraphHealth:
         return {name: d.status in READY for name, d in app.deployments.items()}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024)  # held status polls
+# max_ongoing_requests: held status polls. graceful_shutdown_timeout_s: Serve's drain, then the queue's
+# (SRPO_QUEUE_DRAIN_S), as in serve_config.yaml.
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024, graceful_shutdown_timeout_s=60)
 @serve.ingress()
 class Ingress:
     def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, decoder: DeploymentHandle) -> None:

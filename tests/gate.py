@@ -13,10 +13,15 @@ import numpy as np
 from PIL import Image
 
 
+# Longer than any test that holds a request: a gate answers when the test opens it (at the latest when
+# its block ends), never by itself while the test still counts on it being shut.
+HOLD_S = 600
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
         self.server.hits.append(self.path)
-        self.server.opened.wait(60)
+        self.server.opened.wait(HOLD_S)
         buf = io.BytesIO()
         Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, "PNG")
         try:

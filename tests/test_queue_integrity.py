@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 
 from models.pipeline import SRPOPipeline
 from server.app import build_app
-from server.queue.store import NewRequest, SqliteRequestStore
+from server.queue.store import NewRequest, RequestRecord, SqliteRequestStore
+from server.queue.worker import QueueWorker
 from server.service import InProcessBackend, SRPOService
 from settings import Settings, get_settings
 from tests.conftest import CPU
@@ -94,3 +95,41 @@ def test_start_timeout_and_request_deadline_are_504s(pipeline, tmp_path):
         assert sync.status_code == 504 and time.monotonic() - began < 10, sync.text  # cut at 1 s, not the gate's 60
         bad = client.post(f"/queue/{T2I}", json=BODY, headers={"X-Fal-Request-Timeout": "soon"})
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["header", "x-fal-request-timeout"]
+
+
+class SlowAnswers(SqliteRequestStore):
+    """The embedded store whose claims commit at once but answer only when `answer` is set (a busy
+    store, a slow network to Redis)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.committed, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def claim(self, worker: str, lease_s: float) -> RequestRecord | None:
+        record = await super().claim(worker, lease_s)
+        if record is not None:
+            self.committed.set()
+            await self.answer.wait()
+        return record
+
+
+def test_a_worker_stopped_while_its_claim_is_on_the_way_hands_the_request_back(pipeline, tmp_path):
+    settings = _settings(tmp_path, queue_drain_s=0)
+    request_id = str(uuid.uuid4())
+
+    async def scenario() -> None:
+        store = SlowAnswers(settings.queue_db_path, settings.result_ttl_s)
+        await store.enqueue(NewRequest(id=request_id, endpoint=T2I, input=BODY, base_url="http://x"), 10)
+        worker = QueueWorker(store, SRPOService(InProcessBackend(pipeline), settings), settings)
+        worker.start()
+        await asyncio.wait_for(store.committed.wait(), 30)  # the store holds it as the worker's now
+        stopping = asyncio.get_running_loop().create_task(worker.stop())
+        await asyncio.sleep(0)  # the stop begins before the claim's answer arrives
+        store.answer.set()
+        await asyncio.wait_for(stopping, 30)
+        record = await store.get(request_id)
+        # Back at the head at once, not held by a stopped worker until its lease runs out.
+        assert (record.status, record.queue_position) == ("IN_QUEUE", 0), record
+        await store.close()
+
+    asyncio.run(scenario())

@@ -87,3 +87,31 @@ def test_a_submit_that_cannot_reach_redis_is_503_with_retry_after(tiny_model_dir
         assert refused.status_code == 503, refused.text
         assert refused.headers["retry-after"] == "5"
         assert refused.headers["x-fal-error-type"] == refused.json()["error_type"] == "store_unavailable"
+
+
+def test_while_redis_is_down_reads_are_503_and_the_request_accepted_before_completes(tiny_model_dir, tmp_path):
+    """An in-process app on a real Redis that stops and starts again: while it is down a read is 503
+    (nothing was lost, the client retries); once it is back, the request accepted before the outage
+    completes, and the app still shuts down (its worker stop does not hang on the restarted Redis)."""
+    port, folder = free_port(), tmp_path / "redis"
+    folder.mkdir()
+    redis_server = start_redis(port, folder)
+    settings = get_settings().model_copy(update={"storage_dir": tmp_path / "files",
+                                                 "redis_url": f"redis://127.0.0.1:{port}/0"})
+    pipeline = SRPOPipeline(tiny_model_dir, None, CPU, torch.float32)
+    small = {**body(0), "num_inference_steps": 2}
+    try:
+        with TestClient(build_app(SRPOService(InProcessBackend(pipeline), settings))) as client:
+            accepted = client.post(f"/queue/{T2I}", json=small)
+            assert accepted.status_code == 200, accepted.text
+            status_url, result_url = accepted.json()["status_url"], accepted.json()["response_url"]
+            redis_server.send_signal(signal.SIGTERM)
+            redis_server.wait(timeout=30)
+            assert client.get(status_url).status_code == 503
+            redis_server = start_redis(port, folder)
+            wait_until(lambda: client.get(status_url).json()["status"] == "COMPLETED", 120,
+                       "the request accepted before the outage")
+            assert len(client.get(result_url).json()["images"]) == 1
+    finally:
+        redis_server.terminate()
+        redis_server.wait(timeout=30)

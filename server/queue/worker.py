@@ -3,10 +3,10 @@
 Per running request a sidecar loop moves its logs into the store, watches for a cancel flag set
 by any replica, and renews the lease. A replica that dies stops renewing; another replica puts the
 request back in the queue when the lease runs out and runs it again. A replica that is stopped
-(downscale, upgrade) stops claiming, lets running requests finish for `queue_drain_s`, and hands
-the rest back at once. Only the lease holder may log or complete, so a late worker never
-overwrites a result or sends a second webhook; a request claimed more than `queue_max_attempts`
-times ends with an error instead of going round forever.
+(downscale, upgrade) stops claiming, lets running requests finish for `queue_drain_s` (their logs
+say so), and hands the rest back to the head of the queue at once. Only the lease holder may log
+or complete, so a late worker never overwrites a result or sends a second webhook; a request
+claimed more than `queue_max_attempts` times ends with an error instead of going round forever.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from api.queue_schemas import ENDPOINTS, LogEntry, WebhookBody
 from api.schemas import ImageToImageInput, Output, TextToImageInput
@@ -64,6 +64,7 @@ class QueueWorker:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._sweep_task: asyncio.Task | None = None
+        self._stopping = False
 
     def start(self) -> None:
         if self._loop_task is None:
@@ -74,11 +75,24 @@ class QueueWorker:
 
     async def stop(self) -> None:
         """Stop claiming; give running requests `queue_drain_s` to finish, then hand the rest back."""
-        for task in (self._loop_task, self._sweep_task):
-            if task is not None:
-                task.cancel()
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+        if self._loop_task is not None:
+            # Asked to end, not cancelled: a claim cut off after the store committed it would hold a
+            # request that nobody runs until its lease ran out. A loop task of another event loop (an
+            # app whose lifespan ends elsewhere, as some test transports do) cannot be awaited here.
+            self._stopping = True
+            self._wake.set()
+            if self._loop_task.get_loop() is asyncio.get_running_loop():
+                await self._loop_task
+            else:
+                self._loop_task.cancel()
         running = dict(self._running)
         if running:
+            logger.info("stopping: %d running request(s) have %g s to finish here (SRPO_QUEUE_DRAIN_S)",
+                        len(running), self.settings.queue_drain_s)
+            await self._tell(running, f"This replica is stopping: the request has {self.settings.queue_drain_s:g} s "
+                                      "to finish here, else it goes back to the head of the queue (SRPO_QUEUE_DRAIN_S)")
             await asyncio.wait(running.values(), timeout=self.settings.queue_drain_s)
         unfinished = {rid: task for rid, task in running.items() if not task.done()}
         for task in unfinished.values():
@@ -93,12 +107,19 @@ class QueueWorker:
         if self._background:
             await asyncio.wait(self._background, timeout=self.settings.webhook_timeout_s)
 
+    async def _tell(self, request_ids: Iterable[str], message: str) -> None:
+        for request_id in request_ids:
+            try:
+                await self.store.append_logs(request_id, self.worker_id, [LogEntry(message=message)])
+            except Exception:  # a log line is not worth holding the drain up for
+                logger.exception("could not log to %s", request_id)
+
     def wake(self) -> None:
         self._wake.set()
 
     async def _loop(self) -> None:
         next_sweep = next_report = 0.0
-        while True:
+        while not self._stopping:
             held = False
             try:
                 if time.monotonic() >= next_sweep:
