@@ -44,7 +44,7 @@ def server(tiny_root, tmp_path_factory) -> Iterator[tuple[str, dict, SqliteReque
     )
     config = shipped_config(env)
     with running_serve(env, config=config) as base:
-        store = SqliteRequestStore(Path(env["SRPO_QUEUE_DB_PATH"]), LEASE_S)
+        store = SqliteRequestStore(Path(env["SRPO_QUEUE_DB_PATH"]), ttl_s=3600)  # the test only reads it
         yield base, config, store
         asyncio.run(store.close())
 
