@@ -182,7 +182,10 @@ def test_low_priority_waits_for_normal_requests_but_never_starves(make_store):
         positions = [await store.enqueue(r, 10) for r in (low_1, low_2, normal_1, normal_2)]
         assert positions == [0, 1, 0, 1]  # a normal request is ahead of every low one
         assert [(await store.get(r.id)).queue_position for r in (low_1, low_2, normal_1, normal_2)] == [2, 3, 0, 1]
+        ids = [r.id for r in (low_1, low_2, normal_1, normal_2)]
+        assert await store.positions(ids + ["no-such-id"]) == dict(zip(ids, [2, 3, 0, 1]))  # one read for all
         assert (await store.claim("w", 30)).id == normal_1.id
+        assert await store.positions(ids) == dict(zip(ids[:2] + ids[3:], [1, 2, 0]))  # claimed: no longer waits
         await asyncio.sleep(1.1)  # low_1 and low_2 have now waited past the bound
         late_normal = _new()
         await store.enqueue(late_normal, 10)
