@@ -488,17 +488,21 @@ class SqliteRequestStore(RequestStore):
     async def claim(self, worker: str, lease_s: float) -> RequestRecord | None:
         def op(db: sqlite3.Connection) -> str | None:
             # Normal requests, and low ones that waited past the bound, in submit order; then the rest.
-            row = db.execute(
-                "SELECT id FROM requests WHERE status='IN_QUEUE' ORDER BY (low AND created > ?), seq LIMIT 1",
-                (time.time() - self.low_priority_max_wait_s,),
-            ).fetchone()
-            if row is None:
+            # Each lane's head is an index lookup: one ORDER BY over both lanes sorted the whole queue
+            # under the write lock, so at 100k waiting every claim held up submits and cancels.
+            head = "SELECT seq, id, created FROM requests WHERE status='IN_QUEUE' AND low=? ORDER BY seq LIMIT 1"
+            normal, low = db.execute(head, (0,)).fetchone(), db.execute(head, (1,)).fetchone()
+            # The oldest low request has waited longest: when it has not waited past the bound, none has.
+            starved = (low is not None and low[2] <= time.time() - self.low_priority_max_wait_s
+                       and (normal is None or low[0] < normal[0]))
+            chosen = low if starved or normal is None else normal
+            if chosen is None:
                 return None
             db.execute(
                 "UPDATE requests SET status='IN_PROGRESS', worker=?, lease_until=?, attempts=attempts+1 WHERE id=?",
-                (worker, time.time() + lease_s, row[0]),
+                (worker, time.time() + lease_s, chosen[1]),
             )
-            return row[0]
+            return chosen[1]
 
         claimed = await self._run(op)
         if not claimed:
