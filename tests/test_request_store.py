@@ -182,7 +182,10 @@ def test_low_priority_waits_for_normal_requests_but_never_starves(make_store):
         positions = [await store.enqueue(r, 10) for r in (low_1, low_2, normal_1, normal_2)]
         assert positions == [0, 1, 0, 1]  # a normal request is ahead of every low one
         assert [(await store.get(r.id)).queue_position for r in (low_1, low_2, normal_1, normal_2)] == [2, 3, 0, 1]
+        ids = [r.id for r in (low_1, low_2, normal_1, normal_2)]
+        assert await store.positions(ids + ["no-such-id"]) == dict(zip(ids, [2, 3, 0, 1]))  # one read for all
         assert (await store.claim("w", 30)).id == normal_1.id
+        assert await store.positions(ids) == dict(zip(ids[:2] + ids[3:], [1, 2, 0]))  # claimed: no longer waits
         await asyncio.sleep(1.1)  # low_1 and low_2 have now waited past the bound
         late_normal = _new()
         await store.enqueue(late_normal, 10)
@@ -270,8 +273,9 @@ def _sqlite_work(store: SqliteRequestStore):
 
 
 def test_a_deep_queue_costs_a_status_read_what_a_shallow_one_does(make_store, request):
-    """Submit, status (with logs) and cancel at 3000 waiting cost what they cost at 1: no count of
-    the queue per read (SQLite: engine steps; Redis: only O(log n) commands), positions stay exact."""
+    """Submit, status (with logs), cancel, claim and the expiry sweep at 3000 waiting cost what they
+    cost at 1: no count of the queue per read (SQLite: engine steps; Redis: only O(log n) commands),
+    positions stay exact."""
 
     async def scenario():
         store = make_store()
@@ -295,17 +299,21 @@ def test_a_deep_queue_costs_a_status_read_what_a_shallow_one_does(make_store, re
         shallow = await _fill(store, 1)
         costs = {"status": [await read_last(shallow)], "submit": [await cost(lambda: _fill(store, 1))]}
         await store.cancel(shallow[0].id)
-        await store.claim("w", 30)
+        costs["claim"] = [await cost(lambda: store.claim("w", 30))]
+        costs["sweep"] = [await cost(store.requeue_expired)]
         deep = await _fill(store, DEEP)
         costs["status"].append(await read_last(deep))
         costs["submit"].append(await cost(lambda: _fill(store, 1)))
         costs["cancel"] = [await cost(lambda: store.cancel(deep[1].id)), await cost(lambda: store.cancel(deep[-2].id))]
+        costs["claim"].append(await cost(lambda: store.claim("w", 30)))  # takes deep[0]
+        costs["sweep"].append(await cost(store.requeue_expired))
         if redis_client is None:
             for name, (at_1, at_deep) in costs.items():
                 assert at_deep <= 2 * at_1 + 5, (name, costs)
         else:
             # No LPOS or LREM (a scan of the queue): every command here is O(1) or O(log n).
             cheap = {f"cmdstat_{name}" for name in ("hgetall", "hget", "hset", "zrank", "zcard", "zadd", "zrem", "incr",
+                                                    "zrange", "zpopmin", "hincrby", "script|load", "zrangebyscore",
                                                     "expire", "publish", "multi", "exec", "evalsha", "lrange",
                                                     "ping", "info")}
             for name, seen in costs.items():
@@ -313,7 +321,6 @@ def test_a_deep_queue_costs_a_status_read_what_a_shallow_one_does(make_store, re
             redis_client.close()
         # Exact positions after moves in the middle and at the head (waited for: past
         # EXACT_POSITIONS_UP_TO a rebuild of the positions may lag a move).
-        await store.claim("w", 30)
         deadline = time.monotonic() + 10
         expected = DEEP - 4  # ahead of deep[-1]: the rest of `deep` less deep[0] (claimed), deep[1], deep[-2]
         while (position := (await store.get(deep[-1].id)).queue_position) != expected and time.monotonic() < deadline:

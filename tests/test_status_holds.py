@@ -93,3 +93,37 @@ def test_a_repeated_ask_is_held_until_the_request_or_its_position_changes(stores
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_queue_move_refreshes_every_held_ask_with_one_position_read(stores):
+    """Hundreds of waiting clients are woken by every claim: their held asks share a batched position
+    read instead of one store read each."""
+    settings, make_store = stores
+    holders = 20
+
+    async def scenario():
+        store, other_replica = make_store(), make_store()
+        app = build_app(SRPOService(AllBusy(), settings), store=store)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t", timeout=60) as client:
+            ids = [(await client.post("/queue/fal-ai/flux/srpo", json=BODY)).json()["request_id"]
+                   for _ in range(holders + 1)]
+            waiting = ids[1:]
+            for request_id in waiting:  # asked once: the next ask of each is a repeat, held
+                assert (await client.get(f"{REQUESTS}/{request_id}/status")).status_code == 202
+            held = [asyncio.ensure_future(client.get(f"{REQUESTS}/{request_id}/status")) for request_id in waiting]
+            for ask, request_id in zip(held, waiting):
+                await _held(store, ask, request_id)
+            reads = {"get": 0, "positions": 0}
+            for name in reads:
+                def counted(*args, _real=getattr(store, name), _name=name, **kwargs):
+                    reads[_name] += 1
+                    return _real(*args, **kwargs)
+                setattr(store, name, counted)
+            assert (await other_replica.claim("w", 30)).id == ids[0]
+            answers = await asyncio.wait_for(asyncio.gather(*held), 10)
+            assert [a.json()["queue_position"] for a in answers] == list(range(holders))  # each moved up one
+            assert reads["get"] == 0 and 1 <= reads["positions"] <= holders // 4, reads
+        await other_replica.close()
+        await store.close()
+
+    asyncio.run(scenario())

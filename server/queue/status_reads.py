@@ -5,8 +5,10 @@ every 0.5 s or over a stream. A repeated ask (same request and `logs` flag, with
 REPEAT_WINDOW_S of the previous answer) whose answer has not changed is held until the store
 announces a change or `hold_s` passes: a long poll. The client gets the same answers, only fewer
 repeats of them, and one ask on its own is answered at once. A change of queue position alone is
-answered at most every POSITION_GAP_S (positions move with every claim). Log entries are read
-from the store from where this process's copy ends.
+answered at most every POSITION_GAP_S (positions move with every claim), and the held reads a
+queue move wakes refresh their positions together: one store read per BATCH_WINDOW_S for all of
+them, not one per held read (hundreds of waiting clients, woken by every claim). Log entries are
+read from the store from where this process's copy ends.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.queue_schemas import LogEntry, QueueStatus, QueueUrls
-from server.queue.store import RequestRecord, RequestStore
+from server.queue.store import Change, RequestRecord, RequestStore
 
 REPEAT_WINDOW_S = 1.0
-POSITION_GAP_S = 0.4
+POSITION_GAP_S = 0.35
+BATCH_WINDOW_S = 0.05  # positions asked for within this long of each other come from one store read
 REMEMBERED = 20_000  # requests whose last answer and logs this process keeps (least recent go first)
 
 
@@ -54,12 +57,43 @@ class _Recent(OrderedDict):
             self.popitem(last=False)
 
 
+class _PositionReads:
+    """Batches position reads: the first ask opens a batch, which is read from the store
+    BATCH_WINDOW_S later with every id asked for meanwhile."""
+
+    def __init__(self, store: RequestStore) -> None:
+        self.store = store
+        self._batch: tuple[set[str], asyncio.Future] | None = None
+        self._reading: asyncio.Task | None = None  # held so the task is not collected mid-read
+
+    async def get(self, request_id: str) -> int | None:
+        """The request's queue position, or None when it no longer waits."""
+        if self._batch is None:
+            done = asyncio.get_running_loop().create_future()
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())  # no waiter left is fine
+            self._batch = (set(), done)
+            self._reading = asyncio.ensure_future(self._read())
+        ids, done = self._batch
+        ids.add(request_id)
+        return (await asyncio.shield(done)).get(request_id)
+
+    async def _read(self) -> None:
+        await asyncio.sleep(BATCH_WINDOW_S)
+        ids, done = self._batch
+        self._batch = None
+        try:
+            done.set_result(await self.store.positions(sorted(ids)))
+        except Exception as exc:  # every waiter of the batch gets the store's error
+            done.set_exception(exc)
+
+
 class StatusReads:
     def __init__(self, store: RequestStore, hold_s: float) -> None:
         self.store = store
         self.hold_s = hold_s
         self._logs: _Recent = _Recent()  # request id -> its log entries so far
         self._answers: _Recent = _Recent()  # (request id, logs flag) -> the last answer
+        self._positions = _PositionReads(store)
 
     async def read(self, request_id: str, with_logs: bool) -> RequestRecord | None:
         record = await self.store.get(request_id, logs=False)
@@ -70,12 +104,12 @@ class StatusReads:
             record.logs = entries
         return record
 
-    async def wait(self, record: RequestRecord, timeout_s: float, answered_at: float) -> bool:
-        """Wait for a change of the request (up to `timeout_s`); False when none came."""
+    async def wait(self, record: RequestRecord, timeout_s: float, answered_at: float) -> Change | None:
+        """Wait for a change of the request (up to `timeout_s`); what changed, or None."""
         change = await self.store.wait_for_change(record.id, timeout_s, queue_moves=record.status == "IN_QUEUE")
         if change == "queue":  # coalesced: a few answers a second, however fast the queue moves
             await asyncio.sleep(max(0.0, min(answered_at + POSITION_GAP_S - time.monotonic(), timeout_s)))
-        return change is not None
+        return change
 
     async def answer(self, request_id: str, base: str, with_logs: bool) -> tuple[RequestRecord, dict] | None:
         """The record and its status body, held while a repeated ask would get the same answer."""
@@ -89,7 +123,19 @@ class StatusReads:
         if (self.hold_s > 0 and before is not None and before.body == body and record.status != "COMPLETED"
                 and now - before.at <= REPEAT_WINDOW_S):
             deadline = now + self.hold_s
-            while (left := deadline - time.monotonic()) > 0 and await self.wait(record, left, before.at):
+            while (left := deadline - time.monotonic()) > 0:
+                if not (change := await self.wait(record, left, before.at)):
+                    break
+                if change == "queue" and record.status == "IN_QUEUE":
+                    # A waiting request's answer is its status and position: when it still waits,
+                    # the batched position is all there is to read.
+                    position = await self._positions.get(request_id)
+                    if position == record.queue_position:
+                        continue
+                    if position is not None:
+                        record.queue_position = position
+                        body = {**body, "queue_position": position}
+                        break
                 record = await self.read(request_id, with_logs)
                 if record is None:
                     return None

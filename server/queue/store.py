@@ -188,6 +188,11 @@ class RequestStore(ABC):
         """The record; its log entries only with `logs` (a status read fetches them with `logs_from`)."""
 
     @abstractmethod
+    async def positions(self, request_ids: list[str]) -> dict[str, int]:
+        """Queue positions of those of `request_ids` still waiting, in one read of the store (held
+        status reads refresh their positions together when the queue moves)."""
+
+    @abstractmethod
     async def logs_from(self, request_id: str, start: int) -> list[LogEntry]:
         """The request's log entries from index `start` on (entries are only ever appended)."""
 
@@ -258,6 +263,9 @@ CREATE TABLE IF NOT EXISTS requests (
     created REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_status ON requests (status, seq);
+-- The periodic sweep finds expired records through it: a scan of the table held the write lock
+-- for tens of ms at 100k records, in front of every submit and cancel.
+CREATE INDEX IF NOT EXISTS requests_expiry ON requests (expires_at);
 CREATE TABLE IF NOT EXISTS logs (id TEXT NOT NULL, entry TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS logs_id ON logs (id);
 """
@@ -297,6 +305,10 @@ EXACT_POSITIONS_UP_TO = 1000
 WATCH_INTERVAL_S = 0.1  # how often a process looks for other processes' commits (PRAGMA data_version)
 
 
+class _Slow(Exception):
+    """A read on the event loop met a long scan: it runs on a thread instead."""
+
+
 class _Positions:
     """The seqs of the waiting requests per lane, in order: a position is a binary search. Rebuilt
     when the queue moved (cost-bounded), extended with the requests enqueued since (read from the
@@ -308,9 +320,14 @@ class _Positions:
         self.through = 0  # the highest seq looked at
         self.next_rebuild = 0.0
 
-    def sync(self, db: sqlite3.Connection, moves: tuple[int, int]) -> None:
+    def sync(self, db: sqlite3.Connection, counts: list[tuple[int, int]], inline: bool) -> None:
+        """`counts`: (waiting, moves) per lane. `inline` (on the event loop): raise _Slow instead of
+        scanning more than EXACT_POSITIONS_UP_TO rows."""
+        moves = (counts[0][1], counts[1][1])
         now = time.monotonic()
         if moves != self.moves and now >= self.next_rebuild:
+            if inline and counts[0][0] + counts[1][0] > EXACT_POSITIONS_UP_TO:
+                raise _Slow
             rows = db.execute("SELECT low, seq FROM requests WHERE status='IN_QUEUE' ORDER BY low, seq").fetchall()
             self.lanes = ([seq for low, seq in rows if not low], [seq for low, seq in rows if low])
             self.moves = moves
@@ -318,11 +335,14 @@ class _Positions:
             if len(rows) > EXACT_POSITIONS_UP_TO:
                 self.next_rebuild = now + (time.monotonic() - now) / POSITIONS_SCAN_SHARE
             return
+        newest = db.execute("SELECT COALESCE(MAX(seq), 0) FROM requests").fetchone()[0]
+        if inline and newest - self.through > EXACT_POSITIONS_UP_TO:
+            raise _Slow
         for low, seq in db.execute(
             "SELECT low, seq FROM requests WHERE seq>? AND status='IN_QUEUE' ORDER BY seq", (self.through,)
         ):
             self.lanes[bool(low)].append(seq)
-            self.through = seq
+        self.through = newest
 
     def position(self, seq: int, low: bool, normal_waiting: int) -> int:
         """Waiting requests ahead: normal ones first, then low ones."""
@@ -352,21 +372,38 @@ class SqliteRequestStore(RequestStore):
                     self._db.execute(f"ALTER TABLE requests ADD COLUMN {column} {kind}")
             self._db.executescript(_COUNTS)
         self._positions = _Positions()
+        self._inline = False  # whether the read under way runs on the event loop (see _run)
         self._watching: asyncio.AbstractEventLoop | None = None
 
+    def _transaction(self, fn, args: tuple, write: bool):
+        # Writers take the database's write lock up front (no lost updates between replicas);
+        # readers only need a consistent snapshot, which WAL gives without it.
+        self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            out = fn(self._db, *args)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return out
+
     async def _run(self, fn, *args, write: bool = True):
+        if not write and self._lock.acquire(blocking=False):
+            # A read while no thread of this process uses the connection runs here, on the event
+            # loop: a point read under WAL waits for no writer and costs less than the hop to a
+            # thread (issue 25: the hop was most of a status read). One that would scan goes there.
+            try:
+                self._inline = True
+                return self._transaction(fn, args, write)
+            except _Slow:
+                pass
+            finally:
+                self._inline = False
+                self._lock.release()
+
         def locked():
             with self._lock:
-                # Writers take the database's write lock up front (no lost updates between
-                # replicas); readers only need a consistent snapshot, which WAL gives without it.
-                self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    out = fn(self._db, *args)
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-                return out
+                return self._transaction(fn, args, write)
 
         return await asyncio.to_thread(locked)
 
@@ -395,7 +432,7 @@ class SqliteRequestStore(RequestStore):
             record = RequestRecord(**json.loads(request), status=status, attempts=attempts)
             if status == "IN_QUEUE":
                 counts = db.execute("SELECT waiting, moves FROM queue_counts ORDER BY lane").fetchall()
-                self._positions.sync(db, (counts[0][1], counts[1][1]))
+                self._positions.sync(db, counts, self._inline)
                 record.queue_position = self._positions.position(seq, bool(low), counts[0][0])
             if logs:
                 record.logs = self._logs_from(db, request_id, 0)
@@ -404,6 +441,17 @@ class SqliteRequestStore(RequestStore):
             return record
 
         return await self._run(op, write=False)
+
+    async def positions(self, request_ids: list[str]) -> dict[str, int]:
+        def op(db: sqlite3.Connection) -> dict[str, int]:
+            counts = db.execute("SELECT waiting, moves FROM queue_counts ORDER BY lane").fetchall()
+            self._positions.sync(db, counts, self._inline)
+            marks = ",".join("?" * len(request_ids))
+            rows = db.execute(f"SELECT id, seq, low FROM requests WHERE status='IN_QUEUE' AND id IN ({marks})",
+                              request_ids)
+            return {i: self._positions.position(seq, bool(low), counts[0][0]) for i, seq, low in rows}
+
+        return await self._run(op, write=False) if request_ids else {}
 
     @staticmethod
     def _logs_from(db: sqlite3.Connection, request_id: str, start: int) -> list[LogEntry]:
@@ -443,17 +491,21 @@ class SqliteRequestStore(RequestStore):
     async def claim(self, worker: str, lease_s: float) -> RequestRecord | None:
         def op(db: sqlite3.Connection) -> str | None:
             # Normal requests, and low ones that waited past the bound, in submit order; then the rest.
-            row = db.execute(
-                "SELECT id FROM requests WHERE status='IN_QUEUE' ORDER BY (low AND created > ?), seq LIMIT 1",
-                (time.time() - self.low_priority_max_wait_s,),
-            ).fetchone()
-            if row is None:
+            # Each lane's head is an index lookup: one ORDER BY over both lanes sorted the whole queue
+            # under the write lock, so at 100k waiting every claim held up submits and cancels.
+            head = "SELECT seq, id, created FROM requests WHERE status='IN_QUEUE' AND low=? ORDER BY seq LIMIT 1"
+            normal, low = db.execute(head, (0,)).fetchone(), db.execute(head, (1,)).fetchone()
+            # The oldest low request has waited longest: when it has not waited past the bound, none has.
+            starved = (low is not None and low[2] <= time.time() - self.low_priority_max_wait_s
+                       and (normal is None or low[0] < normal[0]))
+            chosen = low if starved or normal is None else normal
+            if chosen is None:
                 return None
             db.execute(
                 "UPDATE requests SET status='IN_PROGRESS', worker=?, lease_until=?, attempts=attempts+1 WHERE id=?",
-                (worker, time.time() + lease_s, row[0]),
+                (worker, time.time() + lease_s, chosen[1]),
             )
-            return row[0]
+            return chosen[1]
 
         claimed = await self._run(op)
         if not claimed:
@@ -837,6 +889,21 @@ class RedisRequestStore(RequestStore):
         if fields.get("completion"):
             record.set_completion(Completion.model_validate_json(fields["completion"]))
         return record
+
+    async def positions(self, request_ids: list[str]) -> dict[str, int]:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zcard(self._waiting)
+            for request_id in request_ids:
+                pipe.zrank(self._waiting, request_id)
+                pipe.zrank(self._waiting_low, request_id)
+            normal_waiting, *ranks = await pipe.execute()
+        found = {}
+        for request_id, normal, low in zip(request_ids, ranks[::2], ranks[1::2]):
+            if normal is not None:
+                found[request_id] = int(normal)
+            elif low is not None:  # behind every normal request (see RequestStore)
+                found[request_id] = normal_waiting + int(low)
+        return found
 
     async def logs_from(self, request_id: str, start: int) -> list[LogEntry]:
         return [LogEntry.model_validate_json(e) for e in await self._redis.lrange(self._logs(request_id), start, -1)]
