@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import socket
 import ssl
@@ -26,10 +27,34 @@ APP_NAME = "srpo"
 SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Above Ray's worker ports (10002-19999 by default) and below the kernel's ephemeral range: a port the
+# kernel hands out (bind to 0) can be taken again as the source port of one of Ray's own connections
+# before the server meant for it binds (a cluster test's proxy once failed with "Address already in use").
+PORT_RANGE = (20000, _ephemeral_low())
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, outside the ranges Ray and the kernel pick ports from."""
+    for _ in range(1000):
+        port = random.randrange(*PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {PORT_RANGE}")
 
 
 @contextmanager
