@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import httpx
 import numpy as np
@@ -66,12 +66,33 @@ def replica_names(stage: str) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{stage}#" in a["name"])
 
 
-def sigkill(stage: str) -> str:
-    """SIGKILL the process of the stage's only replica; Serve's controller starts a new one."""
-    (name,) = replica_names(stage)
-    actor = ray.get_actor(name, namespace="serve")
-    os.kill(ray.get(actor.__ray_call__.remote(lambda _: os.getpid())), signal.SIGKILL)
-    return name
+def sigkill(stage: str, replaced: Sequence[str] = ()) -> str:
+    """SIGKILL the process of the stage's only replica once a call is in it; Serve's controller starts a
+    new one. The replica decides and kills itself: a kill decided outside could land after the call ended.
+    `replaced`: replicas killed before (listed for a moment after their death)."""
+    victim: list[str] = []
+
+    def killed() -> bool:
+        victim[:] = [name for name in replica_names(stage) if name not in replaced]
+        if len(victim) != 1:
+            return False
+        try:
+            return ray.get(ray.get_actor(victim[0], namespace="serve").__ray_call__.remote(_kill_if_busy), timeout=10)
+        except ValueError:  # not (or no longer) registered
+            return False
+        except ray.exceptions.RayActorError:
+            return True  # it died answering: the kill
+
+    wait_until(killed, 60, f"a call in the {stage} replica to kill it with")
+    return victim[0]
+
+
+def _kill_if_busy(replica) -> bool:
+    """Runs inside the replica's process: SIGKILL it if Serve counts a request in it (its own count,
+    read beside the user code); False if none is."""
+    if replica.get_num_ongoing_requests() > 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return False
 
 
 def logs_of(client: httpx.Client, request_id: str) -> list[str]:
@@ -79,12 +100,18 @@ def logs_of(client: httpx.Client, request_id: str) -> list[str]:
     return [e["message"] for e in response.json().get("logs") or []] if response.status_code in (200, 202) else []
 
 
-def run_disturbed(server: str, stage: str, disturb) -> tuple[list[dict], list[list[str]]]:
-    """6 queued and 6 synchronous requests; `disturb(client, queued_ids)` acts while they run."""
+def run_disturbed(server: str, stage: str, disturb, sync_first: bool = True) -> tuple[list[dict], list[list[str]]]:
+    """6 queued and 6 synchronous requests; `disturb(client, queued_ids)` acts while they run. With
+    `sync_first` false the synchronous ones are sent after it, so they meet the replacement."""
     with httpx.Client(base_url=server, timeout=180) as client, ThreadPoolExecutor(6) as pool:
         queued = [client.post(f"/queue/{T2I}", json=body(stage, i)).json()["request_id"] for i in range(6)]
-        sync = [pool.submit(client.post, f"/{T2I}", json=body(stage, i)) for i in range(6, 12)]
+
+        def send_sync() -> list:
+            return [pool.submit(client.post, f"/{T2I}", json=body(stage, i)) for i in range(6, 12)]
+
+        sync = send_sync() if sync_first else []
         disturb(client, queued)
+        sync = sync or send_sync()
         sync_bodies = []
         for future in sync:
             response = future.result()
@@ -110,19 +137,17 @@ def test_sigkill_of_a_stage_replica_loses_no_request(server, reference, stage):
     killed: list[str] = []
 
     def kill(client: httpx.Client, queued: list[str]) -> None:
-        if stage == "Denoiser":  # while a queued request is at most half way (logs reach the store every 0.2 s)
-            def denoising() -> bool:
-                steps = [[int(m.split()[1].split("/")[0]) for m in logs_of(client, q) if m.startswith("step ")]
-                         for q in queued]
-                return any(done and max(done) <= 25 for done in steps)
-
-            wait_until(denoising, 60, "a queued request to be denoising")
+        if stage == "Denoiser":
+            sign = "step "
         else:  # while its call waits in the replica for a batch (STAGE_BATCH)
             sign = "Encoding the prompt" if stage == "TextEncoder" else "Decoding"
-            wait_until(lambda: any(sign in logs_of(client, q) for q in queued), 60, f"a call to the {stage}")
+        wait_until(lambda: any(m.startswith(sign) for q in queued for m in logs_of(client, q)), 60,
+                   f"a call to the {stage}")
         killed.append(sigkill(stage))
 
-    outputs, queued_logs = run_disturbed(server, stage, kill)
+    # The Denoiser's synchronous requests come after the kill: every call it kills is then a queued
+    # request's, whose logs show the retry.
+    outputs, queued_logs = run_disturbed(server, stage, kill, sync_first=stage != "Denoiser")
     assert_undisturbed_pixels(server, reference, stage, outputs)
     wait_until(lambda: replica_names(stage) and replica_names(stage) != killed, 60, f"a new {stage} replica")
     # The requests whose call was in flight on it ran again.
@@ -132,31 +157,19 @@ def test_sigkill_of_a_stage_replica_loses_no_request(server, reference, stage):
 def test_a_request_whose_every_attempt_loses_its_replica_fails_503(server):
     """SRPO_RETRY_MAX_ATTEMPTS runs, each with its TextEncoder call in flight on a replica that is then
     killed: the request ends 503 runner_disconnected instead of running a third time."""
+    killed: list[str] = []
     with httpx.Client(base_url=server, timeout=120) as client:
         request_id = client.post(f"/queue/{T2I}", json=body("exhausted", 0)).json()["request_id"]
         for attempt in range(1, MAX_ATTEMPTS + 1):
             wait_until(lambda: logs_of(client, request_id).count("Encoding the prompt") == attempt, 120,
                        f"attempt {attempt} to reach the TextEncoder")
-            # The retried call waits in the new replica for its batch (STAGE_BATCH): kill once it is there.
-            wait_until(lambda: _ongoing("TextEncoder") > 0, 120, f"attempt {attempt}'s call in the TextEncoder")
-            sigkill("TextEncoder")
+            # The retried call waits in the new replica for its batch (STAGE_BATCH): killed once it is there.
+            killed.append(sigkill("TextEncoder", killed))
         status = wait_status(client, request_id, lambda b: b["status"] == "COMPLETED", timeout_s=120)
         assert status.get("error_type") == "runner_disconnected", (status, logs_of(client, request_id))
         assert f"after {MAX_ATTEMPTS} attempts" in status["error"]
         assert client.get(f"{REQUESTS}/{request_id}").status_code == 503
         assert logs_of(client, request_id).count("Encoding the prompt") == MAX_ATTEMPTS
-
-
-def _ongoing(stage: str) -> int:
-    """Requests in the stage's only replica (Serve's own count, answered beside the user code); 0 while
-    no replica is up."""
-    names = replica_names(stage)
-    if len(names) != 1:
-        return 0
-    try:
-        return ray.get(ray.get_actor(names[0], namespace="serve").get_num_ongoing_requests.remote(), timeout=10)
-    except (ray.exceptions.RayError, ValueError):
-        return 0  # the killed replica, still listed for a moment
 
 
 def test_no_retry_header_fails_instead_of_running_again(server):
