@@ -186,7 +186,10 @@ class CostAware:
     arrival rate lambda, load rho and backlog W: a single server's busy period; with R replicas
     sharing one queue in front it drains about R times faster, so the term is divided by R).
     What waits in front of the deployment is shared by its R replicas: each counts 1/R of the requests
-    behind, and the busy period runs from its whole work. m joins when
+    behind. A lone replica's busy period runs from that queue's work too (all of it runs there); with
+    several, from the replica's own backlog: the shared queue's work in every replica's busy period
+    counted it about R / (1 - rho) times over, and replicas batched at steady loads where one at a
+    time keeps the tail shorter (docs/scheduling.md). m joins when
     s * (1 + behind) > |B| * (c(B+m) - c(B)), and only while the stretch of the head's remaining time
     to the batch's cost is at most that time plus the work ahead besides the batch (the replica's
     other requests and its share of the queue in front): otherwise the batch, not the queue, makes
@@ -251,7 +254,7 @@ class CostAware:
     def behind(self, active: Sequence[Active], batch_size: int, now_s: float, waiting: Waiting) -> float:
         """Requests expected to complete after the next forward, besides the batch's."""
         rate, load = self.load.rates(now_s)
-        backlog_s = sum(self.remaining_s(a) for a in active) + waiting.work_s
+        backlog_s = sum(self.remaining_s(a) for a in active) + (waiting.work_s if self.replicas == 1 else 0.0)
         arrivals = rate * backlog_s / (1 - min(load, self.max_load))
         return len(active) - batch_size + (waiting.requests + arrivals) / self.replicas
 
