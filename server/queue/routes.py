@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,6 +23,7 @@ from server.service import FalInput
 from server.string_route import StringParamsRoute
 
 STREAM_CHECK_S = 5.0  # a stream looks at the store at least this often (notifications wake it sooner)
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 MAX_QUEUE_LENGTH = Query(None, ge=0, description="429 (nothing queued) when this many requests already wait.")
 
 
@@ -36,10 +37,10 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
     reads = StatusReads(store, settings.queue_status_hold_s)
     router = APIRouter(prefix="/queue")
 
-    def by_id(method: str, path: str, **kwargs):
+    def by_id(method: str, path: str, **kwargs: Any) -> Callable[[Endpoint], Endpoint]:
         """A route of one request (status, result, cancel): polled by every waiting client, so its
         string parameters skip FastAPI's per-request solving (server/string_route.py)."""
-        def add(endpoint):
+        def add(endpoint: Endpoint) -> Endpoint:
             router.add_api_route(f"/{APP_ALIAS}/requests/{{request_id}}{path}", endpoint, methods=[method],
                                  route_class_override=StringParamsRoute, **kwargs)
             return endpoint

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import json
 import logging
 import sqlite3
 import threading
@@ -429,7 +428,8 @@ class SqliteRequestStore(RequestStore):
             if row is None or (row[4] is not None and row[4] < time.time()):
                 return None
             seq, request, status, completion, _, attempts, low = row
-            record = RequestRecord(**json.loads(request), status=status, attempts=attempts)
+            record = RequestRecord.model_validate_json(request)  # parsed by pydantic: half json.loads + validate
+            record.status, record.attempts = status, attempts
             if status == "IN_QUEUE":
                 counts = db.execute("SELECT waiting, moves FROM queue_counts ORDER BY lane").fetchall()
                 self._positions.sync(db, counts, self._inline)
@@ -878,8 +878,8 @@ class RedisRequestStore(RequestStore):
             fields, position, low_position, normal_waiting, *entries = await pipe.execute()
         if not fields.get("request"):
             return None
-        record = RequestRecord(**json.loads(fields["request"]), status=fields["status"],
-                               attempts=int(fields.get("attempts") or 0))
+        record = RequestRecord.model_validate_json(fields["request"])  # parsed by pydantic: half json.loads + validate
+        record.status, record.attempts = fields["status"], int(fields.get("attempts") or 0)
         if entries:
             record.logs = [LogEntry.model_validate_json(e) for e in entries[0]]
         if record.status == "IN_QUEUE":
