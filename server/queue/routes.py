@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -20,8 +20,10 @@ from server.queue.store import CANCELLED, NewRequest, RequestRecord
 from server.queue.webhooks import WEBHOOK_SETTING
 from server.queue.worker import QueueWorker
 from server.service import FalInput
+from server.string_route import StringParamsRoute
 
 STREAM_CHECK_S = 5.0  # a stream looks at the store at least this often (notifications wake it sooner)
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 MAX_QUEUE_LENGTH = Query(None, ge=0, description="429 (nothing queued) when this many requests already wait.")
 
 
@@ -34,6 +36,15 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
     store, settings, payloads = worker.store, worker.settings, worker.payloads
     reads = StatusReads(store, settings.queue_status_hold_s)
     router = APIRouter(prefix="/queue")
+
+    def by_id(method: str, path: str, **kwargs: Any) -> Callable[[Endpoint], Endpoint]:
+        """A route of one request (status, result, cancel): polled by every waiting client, so its
+        string parameters skip FastAPI's per-request solving (server/string_route.py)."""
+        def add(endpoint: Endpoint) -> Endpoint:
+            router.add_api_route(f"/{APP_ALIAS}/requests/{{request_id}}{path}", endpoint, methods=[method],
+                                 route_class_override=StringParamsRoute, **kwargs)
+            return endpoint
+        return add
 
     async def submit(endpoint: str, body: FalInput, request: Request, fal_webhook: str | None,
                      max_queue_length: int | None, headers: FalHeaders) -> JSONResponse:
@@ -84,8 +95,7 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
             raise HTTPException(404, f"Request {request_id} not found")
         return record
 
-    @router.get(f"/{APP_ALIAS}/requests/{{request_id}}/status", response_model=QueueStatus,
-                summary="A queued request's status (202 until it completes)")
+    @by_id("GET", "/status", response_model=QueueStatus, summary="A queued request's status (202 until it completes)")
     async def status(request_id: str, request: Request, logs: str | None = None) -> JSONResponse:
         answered = await reads.answer(request_id, base_url(request), _logs_flag(logs))
         if answered is None:
@@ -94,7 +104,7 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
         return JSONResponse(body, status_code=200 if record.status == "COMPLETED" else 202,
                             headers={REQUEST_ID_HEADER: request_id})
 
-    @router.get(f"/{APP_ALIAS}/requests/{{request_id}}/status/stream", summary="Status as server-sent events")
+    @by_id("GET", "/status/stream", summary="Status as server-sent events")
     async def status_stream(request_id: str, request: Request, logs: str | None = None) -> StreamingResponse:
         await known(request_id)
         base, with_logs = base_url(request), _logs_flag(logs)
@@ -110,7 +120,7 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
                 if key != last:
                     # Each event carries only the entries new since the previous one.
                     record.logs = new_logs
-                    yield f"data: {json.dumps(status_body(record, base, with_logs).body())}\n\n"
+                    yield f"data: {json.dumps(status_body(record, base, with_logs))}\n\n"
                     sent_logs, last, sent_at = sent_logs + len(new_logs), key, time.monotonic()
                 if record.status == "COMPLETED":
                     return
@@ -119,7 +129,7 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={REQUEST_ID_HEADER: request_id, "Cache-Control": "no-cache"})
 
-    @router.get(f"/{APP_ALIAS}/requests/{{request_id}}", summary="A completed request's result")
+    @by_id("GET", "", summary="A completed request's result")
     async def result(request_id: str) -> JSONResponse:
         record = await known(request_id)
         if record.status != "COMPLETED":
@@ -131,8 +141,7 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
         return JSONResponse(result, status_code=record.result_code or 500,
                             headers={REQUEST_ID_HEADER: request_id, **(record.result_headers or {})})
 
-    @router.put(f"/{APP_ALIAS}/requests/{{request_id}}/cancel", response_model=CancelResponse,
-                summary="Cancel a queued or running request")
+    @by_id("PUT", "/cancel", response_model=CancelResponse, summary="Cancel a queued or running request")
     async def cancel(request_id: str) -> JSONResponse:
         outcome = await store.cancel(request_id)
         if outcome == "unknown":

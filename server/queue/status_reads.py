@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from api.queue_schemas import LogEntry, QueueStatus, QueueUrls
+from api.queue_schemas import APP_ALIAS, LogEntry
 from server.queue.store import Change, RequestRecord, RequestStore
 
 REPEAT_WINDOW_S = 1.0
@@ -28,19 +28,27 @@ BATCH_WINDOW_S = 0.05  # positions asked for within this long of each other come
 REMEMBERED = 20_000  # requests whose last answer and logs this process keeps (least recent go first)
 
 
-def status_body(record: RequestRecord, base: str, logs: bool) -> QueueStatus:
-    metrics = None
+def status_body(record: RequestRecord, base: str, logs: bool) -> dict[str, Any]:
+    """The status body: `QueueStatus.body()`'s JSON, keys in its order, built as a plain dict because
+    every poll pays for it and the models cost a third of a status read's own work (issue 25);
+    tests/test_status_body.py holds the two equal."""
+    url = f"{base}/queue/{APP_ALIAS}/requests/{record.id}"
+    body: dict[str, Any] = {"request_id": record.id, "response_url": url, "status_url": f"{url}/status",
+                            "cancel_url": f"{url}/cancel", "status": record.status}
+    if record.status == "IN_QUEUE":
+        if record.queue_position is not None:
+            body["queue_position"] = record.queue_position
+    elif logs:
+        body["logs"] = [entry.model_dump(mode="json") for entry in record.logs]
     if record.status == "COMPLETED" and record.inference_time is not None:
-        metrics = {"inference_time": record.inference_time}
-    return QueueStatus(
-        **QueueUrls.for_request(base, record.id).model_dump(),
-        status=record.status,
-        queue_position=record.queue_position if record.status == "IN_QUEUE" else None,
-        logs=record.logs if logs and record.status != "IN_QUEUE" else None,
-        metrics=metrics,
-        error=record.error,
-        error_type=record.error_type,
-    )
+        body["metrics"] = {"inference_time": float(record.inference_time)}
+    if record.error is not None:
+        body["error"] = record.error
+    if record.error_type is not None:
+        body["error_type"] = record.error_type
+    if record.status != "IN_QUEUE" and not logs:
+        body["logs"] = None  # a plain subscribe() breaks without the key
+    return body
 
 
 @dataclass
@@ -116,7 +124,7 @@ class StatusReads:
         record = await self.read(request_id, with_logs)
         if record is None:
             return None
-        body = status_body(record, base, with_logs).body()
+        body = status_body(record, base, with_logs)
         key = (request_id, with_logs)
         before: _Answer | None = self._answers.get(key)
         now = time.monotonic()
@@ -139,7 +147,7 @@ class StatusReads:
                 record = await self.read(request_id, with_logs)
                 if record is None:
                     return None
-                body = status_body(record, base, with_logs).body()
+                body = status_body(record, base, with_logs)
                 if body != before.body:
                     break
         self._answers.remember(key, _Answer(body, time.monotonic()))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import json
 import logging
 import sqlite3
 import threading
@@ -429,7 +428,8 @@ class SqliteRequestStore(RequestStore):
             if row is None or (row[4] is not None and row[4] < time.time()):
                 return None
             seq, request, status, completion, _, attempts, low = row
-            record = RequestRecord(**json.loads(request), status=status, attempts=attempts)
+            record = RequestRecord.model_validate_json(request)  # parsed by pydantic: half json.loads + validate
+            record.status, record.attempts = status, attempts
             if status == "IN_QUEUE":
                 counts = db.execute("SELECT waiting, moves FROM queue_counts ORDER BY lane").fetchall()
                 self._positions.sync(db, counts, self._inline)
@@ -668,6 +668,15 @@ end
 redis.call('ZADD', KEYS[1], seq, ARGV[1])
 return redis.call('ZCARD', KEYS[1]) - 1
 """
+# A read: the record's fields, its ranks in both lanes, the normal lane's size and (ARGV[2] '1') its
+# log entries. One script rather than a MULTI/EXEC pipeline of the same commands: as atomic, and
+# a status read then costs redis-py a third less CPU (issue 25: ~110 against ~170 us a read).
+_GET = """
+local entries = false
+if ARGV[2] == '1' then entries = redis.call('LRANGE', KEYS[3], 0, -1) end
+return {redis.call('HGETALL', KEYS[1]), redis.call('ZRANK', KEYS[2], ARGV[1]),
+        redis.call('ZRANK', KEYS[2] .. ':low', ARGV[1]), redis.call('ZCARD', KEYS[2]), entries}
+"""
 # ARGV[4]: a low-priority request created before this time has waited long enough to go first.
 _CLAIM = """
 local low = KEYS[1] .. ':low'
@@ -811,9 +820,9 @@ class RedisRequestStore(RequestStore):
         self._listening: asyncio.AbstractEventLoop | None = None
         self._scripts = {
             name: self._redis.register_script(src)
-            for name, src in [("enqueue", _ENQUEUE), ("claim", _CLAIM), ("renew", _RENEW), ("complete", _COMPLETE),
-                              ("cancel", _CANCEL), ("requeue", _REQUEUE), ("append_logs", _APPEND_LOGS),
-                              ("release", _RELEASE), ("migrate", _MIGRATE)]
+            for name, src in [("enqueue", _ENQUEUE), ("get", _GET), ("claim", _CLAIM), ("renew", _RENEW),
+                              ("complete", _COMPLETE), ("cancel", _CANCEL), ("requeue", _REQUEUE),
+                              ("append_logs", _APPEND_LOGS), ("release", _RELEASE), ("migrate", _MIGRATE)]
         }
 
     def _rec(self, request_id: str) -> str:
@@ -868,20 +877,15 @@ class RedisRequestStore(RequestStore):
         return None if position < 0 else int(position)
 
     async def get(self, request_id: str, logs: bool = True) -> RequestRecord | None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self._rec(request_id))
-            pipe.zrank(self._waiting, request_id)
-            pipe.zrank(self._waiting_low, request_id)
-            pipe.zcard(self._waiting)
-            if logs:
-                pipe.lrange(self._logs(request_id), 0, -1)
-            fields, position, low_position, normal_waiting, *entries = await pipe.execute()
+        flat, position, low_position, normal_waiting, entries = await self._scripts["get"](
+            keys=[self._rec(request_id), self._waiting, self._logs(request_id)], args=[request_id, int(logs)])
+        fields = dict(zip(flat[::2], flat[1::2]))
         if not fields.get("request"):
             return None
-        record = RequestRecord(**json.loads(fields["request"]), status=fields["status"],
-                               attempts=int(fields.get("attempts") or 0))
+        record = RequestRecord.model_validate_json(fields["request"])  # parsed by pydantic: half json.loads + validate
+        record.status, record.attempts = fields["status"], int(fields.get("attempts") or 0)
         if entries:
-            record.logs = [LogEntry.model_validate_json(e) for e in entries[0]]
+            record.logs = [LogEntry.model_validate_json(e) for e in entries]
         if record.status == "IN_QUEUE":
             if low_position is not None:  # behind every normal request (see RequestStore)
                 position = normal_waiting + low_position
