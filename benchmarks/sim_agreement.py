@@ -20,6 +20,7 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -108,6 +109,7 @@ def in_situ_profile(isolated: CostModel, before: dict[str, list[float]]) -> Cost
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv  # the result records the command as it was given
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=80)
     parser.add_argument("--load", type=float, default=0.3, help="of two replicas' capacity by the isolated profile")
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     result = Result(
         name="sim_agreement", kind=kind, title="Real system against the simulator (one trace)",
         device="CPU, tiny model, 2 Denoiser replicas (1 thread each)", date=date.today().isoformat(),
-        command=" ".join([".venv/bin/python -m benchmarks.sim_agreement", *(argv or [])]),
+        command=" ".join([".venv/bin/python -m benchmarks.sim_agreement", *argv]),
         software="Ray Serve graph over HTTP vs benchmarks/simulate.py", weights="tiny preset (random, CPU)",
         table=markdown_table(["latency", "real (s)", "simulated, in-situ profile (s)", "real vs it",
                               "simulated, isolated profile (s)", "real vs it"], rows),
