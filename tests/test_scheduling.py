@@ -205,3 +205,18 @@ def test_a_replica_busy_all_window_runs_alone_while_the_queue_in_front_is_short(
     assert policy.load.rates(300.0)[1] >= 0.98
     assert len(policy.pick(held, 300.0, Waiting(requests=4, work_s=16.0))) == 1
     assert len(policy.pick(held, 300.0, Waiting(requests=600, work_s=2400.0))) == 4
+
+
+def test_the_queue_in_fronts_work_lengthens_a_lone_replicas_busy_period_not_each_of_eights():
+    """The same 200 requests waiting: a lone replica runs all of them, so their work is its busy period
+    and it batches; each of eight runs an eighth, and counting the whole queue's work in every replica's
+    busy period (counted ~R / (1 - rho) times over) made replicas batch at steady Poisson loads."""
+    def picked(replicas: int) -> int:
+        policy = CostAware(H100, 16384)
+        policy.replicas = replicas
+        for i in range(75):
+            policy.admitted(active(i), 4.0 * i)
+        return len(policy.pick([active(100 + i) for i in range(4)], 300.0, Waiting(requests=200, work_s=800.0)))
+
+    assert picked(1) == 4
+    assert picked(8) == 1

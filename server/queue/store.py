@@ -71,6 +71,13 @@ class RequestRecord(NewRequest):
     error_type: str | None = None
     inference_time: float | None = None
 
+    @classmethod
+    def stored(cls, request_json: str | bytes, status: QueueState, attempts: int) -> RequestRecord:
+        """The record of a stored request's JSON (pydantic parses it: half of `json.loads` then validate)."""
+        record = cls.model_validate_json(request_json)
+        record.status, record.attempts = status, attempts
+        return record
+
     def set_completion(self, done: Completion) -> None:
         self.result_code, self.result, self.result_ref = done.code, done.body, done.body_ref
         self.result_headers = done.headers
@@ -428,8 +435,7 @@ class SqliteRequestStore(RequestStore):
             if row is None or (row[4] is not None and row[4] < time.time()):
                 return None
             seq, request, status, completion, _, attempts, low = row
-            record = RequestRecord.model_validate_json(request)  # parsed by pydantic: half json.loads + validate
-            record.status, record.attempts = status, attempts
+            record = RequestRecord.stored(request, status, attempts)
             if status == "IN_QUEUE":
                 counts = db.execute("SELECT waiting, moves FROM queue_counts ORDER BY lane").fetchall()
                 self._positions.sync(db, counts, self._inline)
@@ -670,7 +676,7 @@ return redis.call('ZCARD', KEYS[1]) - 1
 """
 # A read: the record's fields, its ranks in both lanes, the normal lane's size and (ARGV[2] '1') its
 # log entries. One script rather than a MULTI/EXEC pipeline of the same commands: as atomic, and
-# a status read then costs redis-py a third less CPU (issue 25: ~110 against ~170 us a read).
+# cheaper for redis-py (issue 25: `get` 175 against 231 us of CPU, docs/benchmarks.md).
 _GET = """
 local entries = false
 if ARGV[2] == '1' then entries = redis.call('LRANGE', KEYS[3], 0, -1) end
@@ -882,8 +888,7 @@ class RedisRequestStore(RequestStore):
         fields = dict(zip(flat[::2], flat[1::2]))
         if not fields.get("request"):
             return None
-        record = RequestRecord.model_validate_json(fields["request"])  # parsed by pydantic: half json.loads + validate
-        record.status, record.attempts = fields["status"], int(fields.get("attempts") or 0)
+        record = RequestRecord.stored(fields["request"], fields["status"], int(fields.get("attempts") or 0))
         if entries:
             record.logs = [LogEntry.model_validate_json(e) for e in entries]
         if record.status == "IN_QUEUE":
