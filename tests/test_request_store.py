@@ -6,6 +6,7 @@ Two store objects over the same file / server stand for two ingress replicas.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
 import uuid
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
+import server.queue.store as store_module
 from api.queue_schemas import LogEntry
 from server.queue.store import (
     CANCELLED_BODY,
@@ -250,6 +252,46 @@ def test_concurrent_enqueues_fill_the_queue_exactly_to_its_limit(make_store):
     accepted = sum(ok for replica in _at_once(submit) for ok in replica)
     assert accepted == 25
     assert run(make_store().pending()) == 25
+
+
+def test_sqlite_positions_follow_another_process_moves_even_past_the_kept_log(tmp_path, monkeypatch):
+    """Positions in one process stay exact while another enqueues, claims, hands back, cancels and
+    deletes; also when the queue log was trimmed past what this process had applied (it rebuilds)."""
+    monkeypatch.setattr(store_module, "QUEUE_LOG_KEPT", 5)
+    path = tmp_path / "requests.sqlite3"
+    here, there = SqliteRequestStore(path, 60), SqliteRequestStore(path, 60)
+    truth = sqlite3.connect(path)
+
+    def expected() -> dict[str, int]:  # the definition: normal lane first, each lane in submit order
+        rows = truth.execute("SELECT id FROM requests WHERE status='IN_QUEUE' ORDER BY low, seq").fetchall()
+        return {request_id: position for position, (request_id,) in enumerate(rows)}
+
+    async def scenario():
+        requests = [_new(priority="low" if i % 3 == 0 else "normal") for i in range(12)]
+        for request in requests[:8]:
+            await there.enqueue(request, 100)
+        ids = [r.id for r in requests]
+        assert await here.positions(ids) == expected()
+        await there.cancel(requests[4].id)  # fewer moves than the log keeps: applied from the log
+        claimed = await there.claim("w", 0)
+        assert await here.positions(ids) == expected()
+        assert truth.execute("SELECT COUNT(*) FROM queue_log").fetchone()[0] <= 5
+        await there.requeue_expired()  # the claimed request goes back to its place
+        for request in requests[8:]:
+            await there.enqueue(request, 100)
+        await there.delete(requests[6].id)
+        await there.cancel(requests[10].id)
+        assert await here.positions(ids) == expected() != {}  # more moves than the log keeps
+        assert claimed.id in expected()
+
+    try:
+        run(scenario())
+    finally:
+        truth.close()
+        run(here.close())
+        run(there.close())
+
+
 DEEP = 3000
 
 
@@ -292,19 +334,20 @@ def test_a_deep_queue_costs_a_status_read_what_a_shallow_one_does(make_store, re
             after = redis_client.info("commandstats")
             return {name for name, stats in after.items() if stats["calls"] != before.get(name, {}).get("calls")}
 
-        async def read_last(requests):  # the second read: the first after a move rebuilds (SQLite)
-            await store.get(requests[-1].id)
+        async def read_last(requests):  # the first read after the queue moved (a cancel ahead)
+            await store.get(requests[-1].id)  # a process's first read builds its positions (SQLite)
+            await store.cancel(requests[-2].id)
             return await cost(lambda: store.get(requests[-1].id))
 
-        shallow = await _fill(store, 1)
+        shallow = await _fill(store, 2)
         costs = {"status": [await read_last(shallow)], "submit": [await cost(lambda: _fill(store, 1))]}
-        await store.cancel(shallow[0].id)
+        await store.cancel(shallow[-1].id)
         costs["claim"] = [await cost(lambda: store.claim("w", 30))]
         costs["sweep"] = [await cost(store.requeue_expired)]
         deep = await _fill(store, DEEP)
-        costs["status"].append(await read_last(deep))
+        costs["status"].append(await read_last(deep))  # cancels deep[-2]
         costs["submit"].append(await cost(lambda: _fill(store, 1)))
-        costs["cancel"] = [await cost(lambda: store.cancel(deep[1].id)), await cost(lambda: store.cancel(deep[-2].id))]
+        costs["cancel"] = [await cost(lambda: store.cancel(deep[1].id)), await cost(lambda: store.cancel(deep[-3].id))]
         costs["claim"].append(await cost(lambda: store.claim("w", 30)))  # takes deep[0]
         costs["sweep"].append(await cost(store.requeue_expired))
         if redis_client is None:
@@ -319,13 +362,9 @@ def test_a_deep_queue_costs_a_status_read_what_a_shallow_one_does(make_store, re
             for name, seen in costs.items():
                 assert set().union(*seen) <= cheap, (name, seen)
             redis_client.close()
-        # Exact positions after moves in the middle and at the head (waited for: past
-        # EXACT_POSITIONS_UP_TO a rebuild of the positions may lag a move).
-        deadline = time.monotonic() + 10
-        expected = DEEP - 4  # ahead of deep[-1]: the rest of `deep` less deep[0] (claimed), deep[1], deep[-2]
-        while (position := (await store.get(deep[-1].id)).queue_position) != expected and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert position == expected
+        # Exact positions right after moves in the middle and at the head.
+        expected = DEEP - 5  # ahead of deep[-1]: the rest of `deep` less deep[0] (claimed), deep[1], deep[-3], deep[-2]
+        assert (await store.get(deep[-1].id)).queue_position == expected
 
     run(scenario())
 

@@ -10,15 +10,14 @@ is lost. Every transition is one atomic operation (a SQLite write transaction, a
 script), so replicas never claim the same request twice and a full queue enqueues nothing.
 
 A status read costs the same at any queue depth: waiting counts are kept as counters, a queue
-position is a rank (Redis: a sorted set's; SQLite: a per-process list of the waiting requests,
-rebuilt only when the queue moved), and logs are read from an offset. Every change is announced
+position is a rank (Redis: a sorted set's; SQLite: a per-process sorted list of the waiting
+requests, kept current from a log of the queue's moves), and logs are read from an offset. Every change is announced
 (`Changes`: Redis pub/sub, or in-process for SQLite) so held status reads and streams wake on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import sqlite3
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+from sortedcontainers import SortedList
 
 from api.queue_schemas import LogEntry, QueueState
 from settings import Settings
@@ -283,31 +283,47 @@ _ADDED_COLUMNS = {
     "created": "REAL NOT NULL DEFAULT 0",
 }
 
-# Per lane (0 normal, 1 low): how many wait, and how often a waiting request left or came back (a
-# "move": positions behind it changed). Triggers keep them, so no write path can forget to.
+# Per lane (0 normal, 1 low): how many wait. Triggers keep the counts, so no write path can forget to.
 _COUNTS = """
 CREATE INDEX IF NOT EXISTS requests_waiting ON requests (status, low, seq);
-CREATE TABLE IF NOT EXISTS queue_counts (lane INTEGER PRIMARY KEY, waiting INTEGER NOT NULL, moves INTEGER NOT NULL);
-INSERT OR IGNORE INTO queue_counts
-    SELECT lane, (SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE' AND low=lane), 0
+CREATE TABLE IF NOT EXISTS queue_counts (lane INTEGER PRIMARY KEY, waiting INTEGER NOT NULL);
+INSERT OR IGNORE INTO queue_counts (lane, waiting)
+    SELECT lane, (SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE' AND low=lane)
     FROM (SELECT 0 AS lane UNION ALL SELECT 1);
 CREATE TRIGGER IF NOT EXISTS queue_in AFTER INSERT ON requests WHEN NEW.status='IN_QUEUE' BEGIN
     UPDATE queue_counts SET waiting=waiting+1 WHERE lane=NEW.low;
 END;
 CREATE TRIGGER IF NOT EXISTS queue_move AFTER UPDATE OF status ON requests
 WHEN (OLD.status='IN_QUEUE') != (NEW.status='IN_QUEUE') BEGIN
-    UPDATE queue_counts SET waiting=waiting+(CASE NEW.status WHEN 'IN_QUEUE' THEN 1 ELSE -1 END), moves=moves+1
-    WHERE lane=NEW.low;
+    UPDATE queue_counts SET waiting=waiting+(CASE NEW.status WHEN 'IN_QUEUE' THEN 1 ELSE -1 END) WHERE lane=NEW.low;
 END;
 CREATE TRIGGER IF NOT EXISTS queue_out AFTER DELETE ON requests WHEN OLD.status='IN_QUEUE' BEGIN
-    UPDATE queue_counts SET waiting=waiting-1, moves=moves+1 WHERE lane=OLD.low;
+    UPDATE queue_counts SET waiting=waiting-1 WHERE lane=OLD.low;
 END;
 """
-# A rebuild of the positions list scans the queue. Past EXACT_POSITIONS_UP_TO waiting requests at most
-# POSITIONS_SCAN_SHARE of the time goes to it (at 100k waiting a rebuild takes tens of ms, so
-# positions then lag a move by up to a few tenths of a second); below, positions are always exact.
-POSITIONS_SCAN_SHARE = 0.1
-EXACT_POSITIONS_UP_TO = 1000
+QUEUE_LOG_KEPT = 100_000  # entries; a process that fell further behind rebuilds its positions
+# Every request entering or leaving the queue, in commit order (ids have no gaps: AUTOINCREMENT,
+# and only the oldest entries are ever deleted). Each process keeps its own ordered copy of the
+# waiting requests and applies the entries since it last looked (_Positions).
+_QUEUE_LOG = """
+CREATE TABLE IF NOT EXISTS queue_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, seq INTEGER NOT NULL, low INTEGER NOT NULL, waiting INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS queue_log_in AFTER INSERT ON requests WHEN NEW.status='IN_QUEUE' BEGIN
+    INSERT INTO queue_log (seq, low, waiting) VALUES (NEW.seq, NEW.low, 1);
+    DELETE FROM queue_log WHERE id <= last_insert_rowid() - {kept};
+END;
+CREATE TRIGGER IF NOT EXISTS queue_log_move AFTER UPDATE OF status ON requests
+WHEN (OLD.status='IN_QUEUE') != (NEW.status='IN_QUEUE') BEGIN
+    INSERT INTO queue_log (seq, low, waiting) VALUES (NEW.seq, NEW.low, NEW.status='IN_QUEUE');
+    DELETE FROM queue_log WHERE id <= last_insert_rowid() - {kept};
+END;
+CREATE TRIGGER IF NOT EXISTS queue_log_out AFTER DELETE ON requests WHEN OLD.status='IN_QUEUE' BEGIN
+    INSERT INTO queue_log (seq, low, waiting) VALUES (OLD.seq, OLD.low, 0);
+    DELETE FROM queue_log WHERE id <= last_insert_rowid() - {kept};
+END;
+"""
+EXACT_POSITIONS_UP_TO = 1000  # rows a read on the event loop may scan; more go to a thread
 WATCH_INTERVAL_S = 0.1  # how often a process looks for other processes' commits (PRAGMA data_version)
 
 
@@ -316,45 +332,37 @@ class _Slow(Exception):
 
 
 class _Positions:
-    """The seqs of the waiting requests per lane, in order: a position is a binary search. Rebuilt
-    when the queue moved (cost-bounded), extended with the requests enqueued since (read from the
-    primary key, so a read costs the number of new submits, not the queue's depth)."""
+    """Each lane's waiting seqs, sorted: a position is a rank (O(log n)). Kept current by applying
+    the queue log since the last look, so a read costs what changed, not the queue's depth; built
+    from the table once per process, and again only when it fell more than QUEUE_LOG_KEPT behind."""
 
     def __init__(self) -> None:
-        self.lanes: tuple[list[int], list[int]] = ([], [])
-        self.moves: tuple[int, int] | None = None
-        self.through = 0  # the highest seq looked at
-        self.next_rebuild = 0.0
+        self.lanes: tuple[SortedList, SortedList] = (SortedList(), SortedList())
+        self.through: int | None = None  # the last queue log entry applied
 
-    def sync(self, db: sqlite3.Connection, counts: list[tuple[int, int]], inline: bool) -> None:
-        """`counts`: (waiting, moves) per lane. `inline` (on the event loop): raise _Slow instead of
-        scanning more than EXACT_POSITIONS_UP_TO rows."""
-        moves = (counts[0][1], counts[1][1])
-        now = time.monotonic()
-        if moves != self.moves and now >= self.next_rebuild:
-            if inline and counts[0][0] + counts[1][0] > EXACT_POSITIONS_UP_TO:
+    def sync(self, db: sqlite3.Connection, inline: bool) -> None:
+        """`inline` (on the event loop): raise _Slow instead of reading more than EXACT_POSITIONS_UP_TO rows."""
+        if self.through is not None:
+            entries = db.execute("SELECT id, seq, low, waiting FROM queue_log WHERE id>? ORDER BY id LIMIT ?",
+                                 (self.through, EXACT_POSITIONS_UP_TO + 1 if inline else -1)).fetchall()
+            if inline and len(entries) > EXACT_POSITIONS_UP_TO:
                 raise _Slow
-            rows = db.execute("SELECT low, seq FROM requests WHERE status='IN_QUEUE' ORDER BY low, seq").fetchall()
-            self.lanes = ([seq for low, seq in rows if not low], [seq for low, seq in rows if low])
-            self.moves = moves
-            self.through = db.execute("SELECT COALESCE(MAX(seq), 0) FROM requests").fetchone()[0]
-            if len(rows) > EXACT_POSITIONS_UP_TO:
-                self.next_rebuild = now + (time.monotonic() - now) / POSITIONS_SCAN_SHARE
-            return
-        newest = db.execute("SELECT COALESCE(MAX(seq), 0) FROM requests").fetchone()[0]
-        if inline and newest - self.through > EXACT_POSITIONS_UP_TO:
+            if not entries or entries[0][0] == self.through + 1:  # nothing missed
+                for _, seq, low, waiting in entries:
+                    (self.lanes[low].add if waiting else self.lanes[low].discard)(seq)
+                self.through = entries[-1][0] if entries else self.through
+                return
+        if inline and db.execute("SELECT SUM(waiting) FROM queue_counts").fetchone()[0] > EXACT_POSITIONS_UP_TO:
             raise _Slow
-        for low, seq in db.execute(
-            "SELECT low, seq FROM requests WHERE seq>? AND status='IN_QUEUE' ORDER BY seq", (self.through,)
-        ):
-            self.lanes[bool(low)].append(seq)
-        self.through = newest
+        rows = db.execute("SELECT low, seq FROM requests WHERE status='IN_QUEUE' ORDER BY low, seq").fetchall()
+        self.lanes = (SortedList(seq for low, seq in rows if not low), SortedList(seq for low, seq in rows if low))
+        self.through = db.execute("SELECT COALESCE(MAX(id), 0) FROM queue_log").fetchone()[0]
 
-    def position(self, seq: int, low: bool, normal_waiting: int) -> int:
+    def position(self, seq: int, low: bool) -> int:
         """Waiting requests ahead: normal ones first, then low ones."""
         if low:
-            return normal_waiting + bisect.bisect_left(self.lanes[1], seq)
-        return bisect.bisect_left(self.lanes[0], seq)
+            return len(self.lanes[0]) + self.lanes[1].bisect_left(seq)
+        return self.lanes[0].bisect_left(seq)
 
 
 class SqliteRequestStore(RequestStore):
@@ -377,6 +385,7 @@ class SqliteRequestStore(RequestStore):
                 if column not in columns:
                     self._db.execute(f"ALTER TABLE requests ADD COLUMN {column} {kind}")
             self._db.executescript(_COUNTS)
+            self._db.executescript(_QUEUE_LOG.format(kept=QUEUE_LOG_KEPT))
         self._positions = _Positions()
         self._inline = False  # whether the read under way runs on the event loop (see _run)
         self._watching: asyncio.AbstractEventLoop | None = None
@@ -437,9 +446,8 @@ class SqliteRequestStore(RequestStore):
             seq, request, status, completion, _, attempts, low = row
             record = RequestRecord.stored(request, status, attempts)
             if status == "IN_QUEUE":
-                counts = db.execute("SELECT waiting, moves FROM queue_counts ORDER BY lane").fetchall()
-                self._positions.sync(db, counts, self._inline)
-                record.queue_position = self._positions.position(seq, bool(low), counts[0][0])
+                self._positions.sync(db, self._inline)
+                record.queue_position = self._positions.position(seq, bool(low))
             if logs:
                 record.logs = self._logs_from(db, request_id, 0)
             if completion is not None:
@@ -450,12 +458,11 @@ class SqliteRequestStore(RequestStore):
 
     async def positions(self, request_ids: list[str]) -> dict[str, int]:
         def op(db: sqlite3.Connection) -> dict[str, int]:
-            counts = db.execute("SELECT waiting, moves FROM queue_counts ORDER BY lane").fetchall()
-            self._positions.sync(db, counts, self._inline)
+            self._positions.sync(db, self._inline)
             marks = ",".join("?" * len(request_ids))
             rows = db.execute(f"SELECT id, seq, low FROM requests WHERE status='IN_QUEUE' AND id IN ({marks})",
                               request_ids)
-            return {i: self._positions.position(seq, bool(low), counts[0][0]) for i, seq, low in rows}
+            return {i: self._positions.position(seq, bool(low)) for i, seq, low in rows}
 
         return await self._run(op, write=False) if request_ids else {}
 
@@ -684,6 +691,22 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('ZRANK', KEYS[2], ARGV[1]),
         redis.call('ZRANK', KEYS[2] .. ':low', ARGV[1]), redis.call('ZCARD', KEYS[2]), entries}
 """
 # ARGV[4]: a low-priority request created before this time has waited long enough to go first.
+# Positions of many requests in one call (held status reads ask for hundreds at once): -1 for one
+# that no longer waits.
+_POSITIONS = """
+local normal_waiting = redis.call('ZCARD', KEYS[1])
+local out = {}
+for i, id in ipairs(ARGV) do
+  local rank = redis.call('ZRANK', KEYS[1], id)
+  if not rank then
+    rank = redis.call('ZRANK', KEYS[1] .. ':low', id)
+    if rank then rank = normal_waiting + rank else rank = -1 end
+  end
+  out[i] = rank
+end
+return out
+"""
+
 _CLAIM = """
 local low = KEYS[1] .. ':low'
 while true do
@@ -826,8 +849,8 @@ class RedisRequestStore(RequestStore):
         self._listening: asyncio.AbstractEventLoop | None = None
         self._scripts = {
             name: self._redis.register_script(src)
-            for name, src in [("enqueue", _ENQUEUE), ("get", _GET), ("claim", _CLAIM), ("renew", _RENEW),
-                              ("complete", _COMPLETE), ("cancel", _CANCEL), ("requeue", _REQUEUE),
+            for name, src in [("enqueue", _ENQUEUE), ("get", _GET), ("positions", _POSITIONS), ("claim", _CLAIM),
+                              ("renew", _RENEW), ("complete", _COMPLETE), ("cancel", _CANCEL), ("requeue", _REQUEUE),
                               ("append_logs", _APPEND_LOGS), ("release", _RELEASE), ("migrate", _MIGRATE)]
         }
 
@@ -900,19 +923,10 @@ class RedisRequestStore(RequestStore):
         return record
 
     async def positions(self, request_ids: list[str]) -> dict[str, int]:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zcard(self._waiting)
-            for request_id in request_ids:
-                pipe.zrank(self._waiting, request_id)
-                pipe.zrank(self._waiting_low, request_id)
-            normal_waiting, *ranks = await pipe.execute()
-        found = {}
-        for request_id, normal, low in zip(request_ids, ranks[::2], ranks[1::2]):
-            if normal is not None:
-                found[request_id] = int(normal)
-            elif low is not None:  # behind every normal request (see RequestStore)
-                found[request_id] = normal_waiting + int(low)
-        return found
+        if not request_ids:
+            return {}
+        ranks = await self._scripts["positions"](keys=[self._waiting], args=request_ids)
+        return {request_id: int(rank) for request_id, rank in zip(request_ids, ranks) if rank >= 0}
 
     async def logs_from(self, request_id: str, start: int) -> list[LogEntry]:
         return [LogEntry.model_validate_json(e) for e in await self._redis.lrange(self._logs(request_id), start, -1)]
