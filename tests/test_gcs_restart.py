@@ -5,8 +5,7 @@ On the 3-node cluster of tests/cluster.py, serving (each request path used once)
 killed: Serve keeps answering through the outage (6 synchronous requests from 2 clients answer 200,
 8 queued ones are accepted, the proxy's health check stays 200). The GCS is then restarted against
 the same Redis: the controller takes a deployment update again, its autoscaler adds the second
-Denoiser that the work queued during the outage asks for, and every request accepted during the
-outage completes. Docs: docs/operations.md.
+Denoiser that queued work asks for, and every request accepted during the outage (and after) completes. Docs: docs/operations.md.
 """
 
 from __future__ import annotations
@@ -92,9 +91,15 @@ def test_serve_answers_through_a_gcs_outage_and_resumes_after(cluster):
         outage_s = time.monotonic() - killed
         head.start_gcs_server()
         restarted = time.monotonic()
-        # The controller takes an update again, and the autoscaler acts on the work queued in the outage.
+        # The controller takes an update again, and the autoscaler acts on queued work. The one Denoiser
+        # runs the outage's requests meanwhile and may have finished them by now: more are queued so
+        # that work waits whenever the autoscaler looks.
         serve.run(build_app(app_args(UP_TO_TWO)), name=APP_NAME, route_prefix="/", blocking=False)
-        wait_until(lambda: running_denoisers() == 2, 90, "a second Denoiser replica after the GCS restart")
+        for fields in [body(60 + i) for i in range(8)]:
+            response = client.post(f"/queue/{T2I}", json=fields)
+            assert response.status_code == 200, response.text
+            queued.append(response.json()["request_id"])
+        wait_until(lambda: running_denoisers() == 2, 180, "a second Denoiser replica after the GCS restart")
         scaled_s = time.monotonic() - restarted
         for request_id in queued:
             status = wait_status(client, request_id, lambda b: b["status"] == "COMPLETED", timeout_s=180)
