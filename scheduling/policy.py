@@ -211,7 +211,8 @@ class CostAware:
         wait_slack_s: float = 30.0,
         window_s: float = 300.0,
         first_window_s: float = 60.0,
-        max_load: float = 0.9,
+        max_load: float = 0.98,
+        max_load_with_queue: float = 0.9,
         single_replica_widening: float = 4.0,
         admit_ahead_s: float = 0.0,
     ) -> None:
@@ -220,9 +221,12 @@ class CostAware:
         self.wait_factor = wait_factor
         self.wait_slack_s = wait_slack_s
         # While work waits in front, a replica admits about what it can run, whatever is offered: its
-        # load estimate reads ~1 at 95% load as in overload, and 1 / (1 - load) would take every short
-        # queue for the start of an endless busy period. Overload shows in the queue in front instead.
+        # load estimate reads ~1 at 95% load as in overload. 1 / (1 - load) then multiplies the busy
+        # period's work 50-fold at 0.98: harmless on a replica's own backlog (a forward or two), but where
+        # that work includes the queue in front (a lone replica) every short queue would look like the
+        # start of an endless busy period. Overload shows in the queue in front instead.
         self.max_load = max_load
+        self.max_load_with_queue = max_load_with_queue
         self.load = LoadEstimate(window_s, first_window_s)
         self.replicas = 1  # of this deployment: set by the owner, it scales the arrivals term
         self.front = QueueInFront()  # fed by the owner: the queue in front of the deployment
@@ -254,8 +258,10 @@ class CostAware:
     def behind(self, active: Sequence[Active], batch_size: int, now_s: float, waiting: Waiting) -> float:
         """Requests expected to complete after the next forward, besides the batch's."""
         rate, load = self.load.rates(now_s)
-        backlog_s = sum(self.remaining_s(a) for a in active) + (waiting.work_s if self.replicas == 1 else 0.0)
-        arrivals = rate * backlog_s / (1 - min(load, self.max_load))
+        backlog_s, max_load = sum(self.remaining_s(a) for a in active), self.max_load
+        if self.replicas == 1:  # all of the queue in front runs here: it is this replica's busy period too
+            backlog_s, max_load = backlog_s + waiting.work_s, self.max_load_with_queue
+        arrivals = rate * backlog_s / (1 - min(load, max_load))
         return len(active) - batch_size + (waiting.requests + arrivals) / self.replicas
 
     def _joins(self, batch: list[Active], m: Active, behind: float, ahead_s: float) -> bool:
@@ -303,12 +309,15 @@ class CostAware:
         waiting = self.waiting(now_s, waiting)
         # The partner asked about is one more like the head, not one of `active`: its work is not ahead yet.
         ahead_s = self.ahead_s(active, waiting) + self.remaining_s(head)
+        one_forward_s = self.step_s(head) + self.admit_ahead_s
         if not self._joins([head], head, self.behind(active, 2, now_s, waiting), ahead_s):
-            return self.step_s(head) + self.admit_ahead_s
+            return one_forward_s
         fits = max(1, self.max_batch_tokens // head.tokens)
-        # One replica has no other to keep work for: let it see more of the queue, for partners of one size.
-        widen = max(1.0, self.single_replica_widening / self.replicas)
-        return widen * (fits - 1) * head.total_steps * self.step_s(head)
+        # What a replica holds beyond one forward waits there while another replica might free first: the
+        # more replicas share the queue, the less room one takes. A lone replica has no other to keep work
+        # for and sees more of the queue, for partners of one size.
+        widen = self.single_replica_widening / self.replicas
+        return max(one_forward_s, widen * (fits - 1) * head.total_steps * self.step_s(head))
 
 
 def make_policy(name: str, cost: CostModel, max_batch_tokens: int, **options: float) -> Policy:

@@ -208,7 +208,7 @@ def test_a_replica_busy_all_window_runs_alone_while_the_queue_in_front_is_short(
 
 
 def test_the_queue_in_fronts_work_lengthens_a_lone_replicas_busy_period_not_each_of_eights():
-    """The same 200 requests waiting: a lone replica runs all of them, so their work is its busy period
+    """The same 20 requests waiting: a lone replica runs all of them, so their work is its busy period
     and it batches; each of eight runs an eighth, and counting the whole queue's work in every replica's
     busy period (counted ~R / (1 - rho) times over) made replicas batch at steady Poisson loads."""
     def picked(replicas: int) -> int:
@@ -216,7 +216,38 @@ def test_the_queue_in_fronts_work_lengthens_a_lone_replicas_busy_period_not_each
         policy.replicas = replicas
         for i in range(75):
             policy.admitted(active(i), 4.0 * i)
-        return len(policy.pick([active(100 + i) for i in range(4)], 300.0, Waiting(requests=200, work_s=800.0)))
+        return len(policy.pick([active(100 + i) for i in range(4)], 300.0, Waiting(requests=20, work_s=80.0)))
 
     assert picked(1) == 4
     assert picked(8) == 1
+
+
+def test_a_replicas_own_backlog_counts_its_busy_period_at_the_load_it_reads():
+    """One of eight replicas busy all window (its admissions read a load of 1) holds four 1024x768
+    requests, 15 more per replica wait in front: its own 16 s are the start of a long busy period, whose
+    arrivals count with the load up to 0.98, and it batches. (Capped at 0.9 like a lone replica's, whose
+    busy period holds the queue's work too, it ran alone, and fal's mix on 4 replicas at 95% lost 2% of
+    its mean to the 2026-12-01 table.)"""
+    policy = CostAware(H100, 16384)
+    policy.replicas = 8
+    for i in range(75):
+        policy.admitted(active(i), 4.0 * i)
+    assert len(policy.pick([active(100 + i) for i in range(4)], 300.0, Waiting(requests=120, work_s=480.0))) == 3
+
+
+def test_the_room_for_a_batch_shrinks_as_more_replicas_share_the_queue_in_front():
+    """Where batching pays, a replica takes room for a batch beyond one forward; what it holds there waits
+    while another replica might free first, so each of R replicas takes 4 / R batches' worth (a lone
+    replica four: it has no other to keep work for), and never less than one forward."""
+    def room(replicas: int) -> float:
+        policy = CostAware(H100, 16384)
+        policy.replicas = replicas
+        for i in range(75):
+            policy.admitted(active(i), 4.0 * i)
+        return policy.horizon_s([active(100)], 300.0, Waiting(requests=600, work_s=2400.0))
+
+    batch_s = 3 * 28 * H100.step_s(3072, 1)  # three more 1024x768 requests: a batch of four
+    assert room(1) == pytest.approx(4 * batch_s)
+    assert room(4) == pytest.approx(batch_s)
+    assert room(8) == pytest.approx(batch_s / 2)
+    assert room(16) == pytest.approx(batch_s / 4)
