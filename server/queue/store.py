@@ -814,6 +814,7 @@ end
 return 1
 """
 RECONNECT_S = 1.0  # after a lost notification connection, how long before subscribing again
+CLOSE_WAIT_S = 5.0  # how long close() waits for the subscription's teardown
 REDIS_CONNECTIONS = 64  # per process
 REDIS_POOL_WAIT_S = 20.0
 
@@ -847,6 +848,7 @@ class RedisRequestStore(RequestStore):
         self._channel = self.PREFIX + "changes"
         self._migrated = False
         self._listening: asyncio.AbstractEventLoop | None = None
+        self._follower: asyncio.Task | None = None
         self._scripts = {
             name: self._redis.register_script(src)
             for name, src in [("enqueue", _ENQUEUE), ("get", _GET), ("positions", _POSITIONS), ("claim", _CLAIM),
@@ -874,7 +876,7 @@ class RedisRequestStore(RequestStore):
         loop = asyncio.get_running_loop()
         if self._listening is not loop:
             self._listening = loop
-            loop.create_task(self._follow(loop))
+            self._follower = loop.create_task(self._follow(loop))
 
     async def _follow(self, loop: asyncio.AbstractEventLoop) -> None:
         """One subscription per process turns the channel's messages into wake-ups."""
@@ -986,4 +988,10 @@ class RedisRequestStore(RequestStore):
 
     async def close(self) -> None:
         self._listening = None
+        # The subscription ends first, on a pool that still works: its teardown is not cancellable, so
+        # one left to the event loop's own shutdown could wait on connections already closed.
+        if self._follower is not None and self._follower.get_loop() is asyncio.get_running_loop():
+            self._follower.cancel()
+            await asyncio.wait([self._follower], timeout=CLOSE_WAIT_S)
+        self._follower = None
         await self._redis.aclose()
