@@ -143,7 +143,10 @@ async def waiting_clients(port: int, ids: list[str], head: list[str], seconds: f
             else:
                 position = json.loads(data).get("queue_position")
                 # A repeated ask may be held by design (up to hold_s): what counts is the time beyond it.
-                (firsts if last is None else latencies).append(took if last is None else max(0.0, took - hold_s))
+                if last is None:
+                    firsts.append(took)
+                else:
+                    latencies.append(max(0.0, took - hold_s))
                 answers[request_id].append((time.monotonic(), position))
                 last = position
             await asyncio.sleep(POLL_GAP_S)

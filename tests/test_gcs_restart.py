@@ -5,7 +5,8 @@ On the 3-node cluster of tests/cluster.py, serving (each request path used once)
 killed: Serve keeps answering through the outage (6 synchronous requests from 2 clients answer 200,
 8 queued ones are accepted, the proxy's health check stays 200). The GCS is then restarted against
 the same Redis: the controller takes a deployment update again, its autoscaler adds the second
-Denoiser that queued work asks for, and every request accepted during the outage (and after) completes. Docs: docs/operations.md.
+Denoiser that queued work asks for, and every request accepted during the outage (and after)
+completes. Docs: docs/operations.md.
 """
 
 from __future__ import annotations

@@ -192,15 +192,22 @@ def test_the_queue_in_front_adds_its_sources_and_runs_down_between_reports():
     assert front.at(102.0, replicas=1) == Waiting(pytest.approx(5.75), pytest.approx(23.0))
 
 
+def busy_all_window(replicas: int) -> CostAware:
+    """One of `replicas` H100 replicas that admitted a 1024x768 request every 4 s for 5 minutes: its
+    admissions read a load of 1, as at 95% load with work waiting in front, as in overload."""
+    policy = CostAware(H100, 16384)
+    policy.replicas = replicas
+    for i in range(75):
+        policy.admitted(active(i), 4.0 * i)
+    return policy
+
+
 def test_a_replica_busy_all_window_runs_alone_while_the_queue_in_front_is_short():
     """One of eight H100 replicas has admitted a 4 s request every 4 s for 5 minutes (its admissions read
     a load of 1, as at 95% load with work waiting in front as in overload). A queue of a few requests in
     front, usual at 95%, is no sign of a long busy period: it runs alone; hundreds waiting (each replica's
     share of them is behind its next forward): it batches."""
-    policy = CostAware(H100, 16384)
-    policy.replicas = 8
-    for i in range(75):
-        policy.admitted(active(i), 4.0 * i)
+    policy = busy_all_window(replicas=8)
     held = [active(100 + i) for i in range(4)]
     assert policy.load.rates(300.0)[1] >= 0.98
     assert len(policy.pick(held, 300.0, Waiting(requests=4, work_s=16.0))) == 1
@@ -212,10 +219,7 @@ def test_the_queue_in_fronts_work_lengthens_a_lone_replicas_busy_period_not_each
     and it batches; each of eight runs an eighth, and counting the whole queue's work in every replica's
     busy period (counted ~R / (1 - rho) times over) made replicas batch at steady Poisson loads."""
     def picked(replicas: int) -> int:
-        policy = CostAware(H100, 16384)
-        policy.replicas = replicas
-        for i in range(75):
-            policy.admitted(active(i), 4.0 * i)
+        policy = busy_all_window(replicas)
         return len(policy.pick([active(100 + i) for i in range(4)], 300.0, Waiting(requests=20, work_s=80.0)))
 
     assert picked(1) == 4
@@ -228,10 +232,7 @@ def test_a_replicas_own_backlog_counts_its_busy_period_at_the_load_it_reads():
     arrivals count with the load up to 0.98, and it batches. (Capped at 0.9 like a lone replica's, whose
     busy period holds the queue's work too, it ran alone, and fal's mix on 4 replicas at 95% lost 2% of
     its mean to the 2026-12-01 table.)"""
-    policy = CostAware(H100, 16384)
-    policy.replicas = 8
-    for i in range(75):
-        policy.admitted(active(i), 4.0 * i)
+    policy = busy_all_window(replicas=8)
     assert len(policy.pick([active(100 + i) for i in range(4)], 300.0, Waiting(requests=120, work_s=480.0))) == 3
 
 
@@ -240,10 +241,7 @@ def test_the_room_for_a_batch_shrinks_as_more_replicas_share_the_queue_in_front(
     while another replica might free first, so each of R replicas takes 4 / R batches' worth (a lone
     replica four: it has no other to keep work for), and never less than one forward."""
     def room(replicas: int) -> float:
-        policy = CostAware(H100, 16384)
-        policy.replicas = replicas
-        for i in range(75):
-            policy.admitted(active(i), 4.0 * i)
+        policy = busy_all_window(replicas)
         return policy.horizon_s([active(100)], 300.0, Waiting(requests=600, work_s=2400.0))
 
     batch_s = 3 * 28 * H100.step_s(3072, 1)  # three more 1024x768 requests: a batch of four

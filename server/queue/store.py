@@ -311,16 +311,16 @@ CREATE TABLE IF NOT EXISTS queue_log (
 );
 CREATE TRIGGER IF NOT EXISTS queue_log_in AFTER INSERT ON requests WHEN NEW.status='IN_QUEUE' BEGIN
     INSERT INTO queue_log (seq, low, waiting) VALUES (NEW.seq, NEW.low, 1);
-    DELETE FROM queue_log WHERE id <= last_insert_rowid() - {kept};
 END;
 CREATE TRIGGER IF NOT EXISTS queue_log_move AFTER UPDATE OF status ON requests
 WHEN (OLD.status='IN_QUEUE') != (NEW.status='IN_QUEUE') BEGIN
     INSERT INTO queue_log (seq, low, waiting) VALUES (NEW.seq, NEW.low, NEW.status='IN_QUEUE');
-    DELETE FROM queue_log WHERE id <= last_insert_rowid() - {kept};
 END;
 CREATE TRIGGER IF NOT EXISTS queue_log_out AFTER DELETE ON requests WHEN OLD.status='IN_QUEUE' BEGIN
     INSERT INTO queue_log (seq, low, waiting) VALUES (OLD.seq, OLD.low, 0);
-    DELETE FROM queue_log WHERE id <= last_insert_rowid() - {kept};
+END;
+CREATE TRIGGER IF NOT EXISTS queue_log_trim AFTER INSERT ON queue_log BEGIN
+    DELETE FROM queue_log WHERE id <= NEW.id - {kept};
 END;
 """
 EXACT_POSITIONS_UP_TO = 1000  # rows a read on the event loop may scan; more go to a thread
