@@ -369,6 +369,33 @@ def test_a_deep_queue_costs_a_status_read_what_a_shallow_one_does(make_store, re
     run(scenario())
 
 
+def test_status_reads_asked_together_each_get_their_own_record(make_store, request):
+    """Reads of the same turn (a burst of status polls) answer each reader with its own record: the
+    right status and position, None for an unknown id, a copy per reader of the same id. On Redis they
+    are one call."""
+
+    async def scenario():
+        store = make_store()
+        waiting = await _fill(store, 3)
+        await store.cancel(waiting[0].id)
+        ids = [waiting[2].id, waiting[0].id, "unknown", waiting[1].id, waiting[2].id]
+        calls = None
+        if isinstance(store, RedisRequestStore):
+            await store.get(waiting[1].id, logs=False)  # the script is loaded
+            redis_client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+            calls = redis_client.info("commandstats")["cmdstat_evalsha"]["calls"]
+        records = await asyncio.gather(*(store.get(i, logs=False) for i in ids))
+        if calls is not None:
+            assert redis_client.info("commandstats")["cmdstat_evalsha"]["calls"] == calls + 1
+            redis_client.close()
+        last, cancelled, unknown, second, last_again = records
+        assert (last.status, last.queue_position, second.queue_position) == ("IN_QUEUE", 1, 0)
+        assert cancelled.status == "COMPLETED" and unknown is None
+        assert last_again == last and last_again is not last
+
+    run(scenario())
+
+
 def test_logs_are_read_from_an_offset(make_store):
     async def scenario():
         store = make_store()

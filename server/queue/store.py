@@ -23,6 +23,8 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -324,7 +326,7 @@ CREATE TRIGGER IF NOT EXISTS queue_log_trim AFTER INSERT ON queue_log BEGIN
 END;
 """
 EXACT_POSITIONS_UP_TO = 1000  # rows a read on the event loop may scan; more go to a thread
-WATCH_INTERVAL_S = 0.1  # how often a process looks for other processes' commits (PRAGMA data_version)
+WATCH_INTERVAL_S = 0.05  # how often a process looks for other processes' commits (PRAGMA data_version)
 
 
 class _Slow(Exception):
@@ -334,14 +336,27 @@ class _Slow(Exception):
 class _Positions:
     """Each lane's waiting seqs, sorted: a position is a rank (O(log n)). Kept current by applying
     the queue log since the last look, so a read costs what changed, not the queue's depth; built
-    from the table once per process, and again only when it fell more than QUEUE_LOG_KEPT behind."""
+    from the table once per process, and again only when it fell more than QUEUE_LOG_KEPT behind.
+    Reads on the event loop and on a thread share it: `current` holds it for one of them at a time."""
 
     def __init__(self) -> None:
         self.lanes: tuple[SortedList, SortedList] = (SortedList(), SortedList())
         self.through: int | None = None  # the last queue log entry applied
+        self._lock = threading.Lock()
 
-    def sync(self, db: sqlite3.Connection, inline: bool) -> None:
-        """`inline` (on the event loop): raise _Slow instead of reading more than EXACT_POSITIONS_UP_TO rows."""
+    @contextmanager
+    def current(self, db: sqlite3.Connection, inline: bool) -> Iterator[_Positions]:
+        """Brought up to `db`'s snapshot and held meanwhile. `inline` (on the event loop): raise _Slow
+        instead of waiting for a thread that holds it, or reading more than EXACT_POSITIONS_UP_TO rows."""
+        if not self._lock.acquire(blocking=not inline):
+            raise _Slow
+        try:
+            self._sync(db, inline)
+            yield self
+        finally:
+            self._lock.release()
+
+    def _sync(self, db: sqlite3.Connection, inline: bool) -> None:
         if self.through is not None:
             entries = db.execute("SELECT id, seq, low, waiting FROM queue_log WHERE id>? ORDER BY id LIMIT ?",
                                  (self.through, EXACT_POSITIONS_UP_TO + 1 if inline else -1)).fetchall()
@@ -372,7 +387,7 @@ class SqliteRequestStore(RequestStore):
         super().__init__(ttl_s, low_priority_max_wait_s)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the writing connection: writes, and reads too long for the event loop
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             # A commit then writes the WAL without waiting for the disk (the checkpoint does): a crashed
@@ -386,39 +401,47 @@ class SqliteRequestStore(RequestStore):
                     self._db.execute(f"ALTER TABLE requests ADD COLUMN {column} {kind}")
             self._db.executescript(_COUNTS)
             self._db.executescript(_QUEUE_LOG.format(kept=QUEUE_LOG_KEPT))
+        # Reads on the event loop have a connection of their own: under WAL they need no writer to
+        # finish, and a write on a thread (tens of ms while the loop keeps the GIL busy) held the one
+        # connection, sending every status read meanwhile to a thread behind it (issue 25).
+        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._reader.execute("PRAGMA query_only=1")
+        self._reader_lock = threading.Lock()
         self._positions = _Positions()
-        self._inline = False  # whether the read under way runs on the event loop (see _run)
         self._watching: asyncio.AbstractEventLoop | None = None
 
-    def _transaction(self, fn, args: tuple, write: bool):
+    @staticmethod
+    def _transaction(db: sqlite3.Connection, fn, args: tuple, write: bool):
         # Writers take the database's write lock up front (no lost updates between replicas);
         # readers only need a consistent snapshot, which WAL gives without it.
-        self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
-            out = fn(self._db, *args)
+            out = fn(db, *args)
         except BaseException:
-            self._db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        db.execute("COMMIT")
         return out
 
+    def _inline(self, db: sqlite3.Connection) -> bool:
+        """Whether a read on `db` runs on the event loop (see _run)."""
+        return db is self._reader
+
     async def _run(self, fn, *args, write: bool = True):
-        if not write and self._lock.acquire(blocking=False):
-            # A read while no thread of this process uses the connection runs here, on the event
-            # loop: a point read under WAL waits for no writer and costs less than the hop to a
-            # thread (issue 25: the hop was most of a status read). One that would scan goes there.
+        if not write and self._reader_lock.acquire(blocking=False):
+            # A read runs here, on the event loop: a point read under WAL waits for no writer and
+            # costs less than the hop to a thread (issue 25: the hop was most of a status read).
+            # One that would scan goes there.
             try:
-                self._inline = True
-                return self._transaction(fn, args, write)
+                return self._transaction(self._reader, fn, args, write)
             except _Slow:
                 pass
             finally:
-                self._inline = False
-                self._lock.release()
+                self._reader_lock.release()
 
         def locked():
             with self._lock:
-                return self._transaction(fn, args, write)
+                return self._transaction(self._db, fn, args, write)
 
         return await asyncio.to_thread(locked)
 
@@ -446,8 +469,8 @@ class SqliteRequestStore(RequestStore):
             seq, request, status, completion, _, attempts, low = row
             record = RequestRecord.stored(request, status, attempts)
             if status == "IN_QUEUE":
-                self._positions.sync(db, self._inline)
-                record.queue_position = self._positions.position(seq, bool(low))
+                with self._positions.current(db, self._inline(db)) as positions:
+                    record.queue_position = positions.position(seq, bool(low))
             if logs:
                 record.logs = self._logs_from(db, request_id, 0)
             if completion is not None:
@@ -458,11 +481,13 @@ class SqliteRequestStore(RequestStore):
 
     async def positions(self, request_ids: list[str]) -> dict[str, int]:
         def op(db: sqlite3.Connection) -> dict[str, int]:
-            self._positions.sync(db, self._inline)
+            # By id alone: with the status in the WHERE, SQLite scans every waiting row for a few hundred
+            # ids (32 ms at 100k waiting, on the event loop) instead of looking each up.
             marks = ",".join("?" * len(request_ids))
-            rows = db.execute(f"SELECT id, seq, low FROM requests WHERE status='IN_QUEUE' AND id IN ({marks})",
-                              request_ids)
-            return {i: self._positions.position(seq, bool(low)) for i, seq, low in rows}
+            rows = db.execute(f"SELECT id, seq, low, status FROM requests WHERE id IN ({marks})",
+                              request_ids).fetchall()
+            with self._positions.current(db, self._inline(db)) as positions:
+                return {i: positions.position(seq, bool(low)) for i, seq, low, status in rows if status == "IN_QUEUE"}
 
         return await self._run(op, write=False) if request_ids else {}
 
@@ -486,19 +511,28 @@ class SqliteRequestStore(RequestStore):
         loop = asyncio.get_running_loop()
         if self._watching is not loop:
             self._watching = loop
-            with self._lock:  # now, not in the task: a commit before its first look would go unseen
-                version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            version = self._data_version()  # now, not in the task: a commit before its first look would go unseen
             loop.create_task(self._watch(loop, version))
+
+    def _data_version(self, wait: bool = True) -> int | None:
+        # On the writing connection: the version moves with every other connection's commit, and this
+        # process's own writes notify directly. Without `wait`, None while a thread writes.
+        if not self._lock.acquire(blocking=wait):
+            return None
+        try:
+            return self._db.execute("PRAGMA data_version").fetchone()[0]
+        finally:
+            self._lock.release()
 
     async def _watch(self, loop: asyncio.AbstractEventLoop, version: int) -> None:
         while self._watching is loop:
             try:
-                seen = await self._run(lambda db: db.execute("PRAGMA data_version").fetchone()[0], write=False)
+                seen = self._data_version(wait=False)  # a point read: on the event loop
             except sqlite3.ProgrammingError:  # closed
                 return
-            if seen != version:
+            if seen is not None and seen != version:
                 self.changes.everything()
-            version = seen
+                version = seen
             await asyncio.sleep(WATCH_INTERVAL_S)
 
     async def claim(self, worker: str, lease_s: float) -> RequestRecord | None:
@@ -648,8 +682,9 @@ class SqliteRequestStore(RequestStore):
 
     async def close(self) -> None:
         self._watching = None
-        with self._lock:
+        with self._lock, self._reader_lock:
             self._db.close()
+            self._reader.close()
 
 
 # --------------------------------------------------------------------------- Redis
@@ -681,14 +716,23 @@ end
 redis.call('ZADD', KEYS[1], seq, ARGV[1])
 return redis.call('ZCARD', KEYS[1]) - 1
 """
-# A read: the record's fields, its ranks in both lanes, the normal lane's size and (ARGV[2] '1') its
-# log entries. One script rather than a MULTI/EXEC pipeline of the same commands: as atomic, and
-# cheaper for redis-py (issue 25: `get` 175 against 231 us of CPU, docs/benchmarks.md).
+# A read: the record's fields, its ranks in both lanes, the normal lane's size and its log entries.
+# One script rather than a MULTI/EXEC pipeline of the same commands: as atomic, and cheaper for
+# redis-py (issue 25: `get` 175 against 231 us of CPU, docs/benchmarks.md).
 _GET = """
-local entries = false
-if ARGV[2] == '1' then entries = redis.call('LRANGE', KEYS[3], 0, -1) end
 return {redis.call('HGETALL', KEYS[1]), redis.call('ZRANK', KEYS[2], ARGV[1]),
-        redis.call('ZRANK', KEYS[2] .. ':low', ARGV[1]), redis.call('ZCARD', KEYS[2]), entries}
+        redis.call('ZRANK', KEYS[2] .. ':low', ARGV[1]), redis.call('ZCARD', KEYS[2]),
+        redis.call('LRANGE', KEYS[3], 0, -1)}
+"""
+# The same without logs for many requests (KEYS: the normal lane, then each record): the status reads
+# that arrive in one turn of the event loop share one call.
+_GET_MANY = """
+local out = {redis.call('ZCARD', KEYS[1])}
+for i, id in ipairs(ARGV) do
+  out[i + 1] = {redis.call('HGETALL', KEYS[i + 1]), redis.call('ZRANK', KEYS[1], id),
+                redis.call('ZRANK', KEYS[1] .. ':low', id)}
+end
+return out
 """
 # ARGV[4]: a low-priority request created before this time has waited long enough to go first.
 # Positions of many requests in one call (held status reads ask for hundreds at once): -1 for one
@@ -849,9 +893,12 @@ class RedisRequestStore(RequestStore):
         self._migrated = False
         self._listening: asyncio.AbstractEventLoop | None = None
         self._follower: asyncio.Task | None = None
+        self._reads: dict[str, list[asyncio.Future]] | None = None  # status reads of this turn, by id
+        self._reading: asyncio.Task | None = None  # held so the task is not collected mid-read
         self._scripts = {
             name: self._redis.register_script(src)
-            for name, src in [("enqueue", _ENQUEUE), ("get", _GET), ("positions", _POSITIONS), ("claim", _CLAIM),
+            for name, src in [("enqueue", _ENQUEUE), ("get", _GET), ("get_many", _GET_MANY), ("positions", _POSITIONS),
+                              ("claim", _CLAIM),
                               ("renew", _RENEW), ("complete", _COMPLETE), ("cancel", _CANCEL), ("requeue", _REQUEUE),
                               ("append_logs", _APPEND_LOGS), ("release", _RELEASE), ("migrate", _MIGRATE)]
         }
@@ -908,14 +955,22 @@ class RedisRequestStore(RequestStore):
         return None if position < 0 else int(position)
 
     async def get(self, request_id: str, logs: bool = True) -> RequestRecord | None:
+        if not logs:
+            return await self._get_coalesced(request_id)
         flat, position, low_position, normal_waiting, entries = await self._scripts["get"](
-            keys=[self._rec(request_id), self._waiting, self._logs(request_id)], args=[request_id, int(logs)])
+            keys=[self._rec(request_id), self._waiting, self._logs(request_id)], args=[request_id])
+        record = self._record(flat, position, low_position, normal_waiting)
+        if record is not None and entries:
+            record.logs = [LogEntry.model_validate_json(e) for e in entries]
+        return record
+
+    @staticmethod
+    def _record(flat: list[str], position: int | None, low_position: int | None,
+                normal_waiting: int) -> RequestRecord | None:
         fields = dict(zip(flat[::2], flat[1::2]))
         if not fields.get("request"):
             return None
         record = RequestRecord.stored(fields["request"], fields["status"], int(fields.get("attempts") or 0))
-        if entries:
-            record.logs = [LogEntry.model_validate_json(e) for e in entries]
         if record.status == "IN_QUEUE":
             if low_position is not None:  # behind every normal request (see RequestStore)
                 position = normal_waiting + low_position
@@ -923,6 +978,34 @@ class RedisRequestStore(RequestStore):
         if fields.get("completion"):
             record.set_completion(Completion.model_validate_json(fields["completion"]))
         return record
+
+    async def _get_coalesced(self, request_id: str) -> RequestRecord | None:
+        """Reads asked for in this turn of the event loop go to Redis as one call in the next: redis-py's
+        fixed cost per command was most of a status read's CPU (issue 25)."""
+        if self._reads is None:
+            self._reads = {}
+            self._reading = asyncio.ensure_future(self._read_many())
+        answer = asyncio.get_running_loop().create_future()
+        self._reads.setdefault(request_id, []).append(answer)
+        return await answer
+
+    async def _read_many(self) -> None:
+        reads, self._reads = self._reads, None
+        ids = list(reads)
+        try:
+            normal_waiting, *rows = await self._scripts["get_many"](
+                keys=[self._waiting, *map(self._rec, ids)], args=ids)
+            records = [self._record(flat, position, low, normal_waiting) for flat, position, low in rows]
+        except Exception as exc:  # every reader of the batch gets the store's error
+            for answers in reads.values():
+                for answer in answers:
+                    if not answer.done():
+                        answer.set_exception(exc)
+            return
+        for request_id, record in zip(ids, records):
+            for i, answer in enumerate(reads[request_id]):
+                if not answer.done():  # its reader may have gone; each other reader gets its own copy
+                    answer.set_result(record.model_copy(deep=True) if i and record is not None else record)
 
     async def positions(self, request_ids: list[str]) -> dict[str, int]:
         if not request_ids:
