@@ -254,6 +254,34 @@ def test_concurrent_enqueues_fill_the_queue_exactly_to_its_limit(make_store):
     assert run(make_store().pending()) == 25
 
 
+def test_a_sqlite_status_read_never_waits_for_a_write_of_its_own_process(tmp_path):
+    """A write waiting for the database (another replica holds its write lock) keeps the writing
+    connection; status reads, positions included, go on meanwhile (issue 25: they queued behind it)."""
+
+    async def scenario():
+        store = SqliteRequestStore(tmp_path / "requests.sqlite3", 60.0)
+        waiting = [_new(), _new()]
+        for request in waiting:
+            await store.enqueue(request, 100)
+        other = sqlite3.connect(tmp_path / "requests.sqlite3", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another replica's write under way
+        write = asyncio.ensure_future(store.enqueue(_new(), 100))
+        for _ in range(500):  # until the write holds the writing connection, on its thread
+            if store._lock.locked():
+                break
+            await asyncio.sleep(0.01)
+        assert store._lock.locked() and not write.done()
+        record = await asyncio.wait_for(store.get(waiting[1].id, logs=False), 2)
+        assert record.queue_position == 1
+        assert await asyncio.wait_for(store.positions([waiting[0].id]), 2) == {waiting[0].id: 0}
+        other.execute("COMMIT")
+        assert await write == 2
+        other.close()
+        await store.close()
+
+    run(scenario())
+
+
 def test_sqlite_positions_follow_another_process_moves_even_past_the_kept_log(tmp_path, monkeypatch):
     """Positions in one process stay exact while another enqueues, claims, hands back, cancels and
     deletes; also when the queue log was trimmed past what this process had applied (it rebuilds)."""
