@@ -448,14 +448,14 @@ def test_a_change_by_another_replica_wakes_a_waiter(make_store):
         first, second = _new(), _new()
         await working_side.enqueue(first, 10)
         await working_side.enqueue(second, 10)
-        moved = asyncio.ensure_future(waiting_side.wait_for_change(second.id, 30, queue_moves=True))
-        own = asyncio.ensure_future(waiting_side.wait_for_change(first.id, 30))
-        await asyncio.sleep(0)  # both registered before anything changes
-        await working_side.claim("w", 30)
-        assert await asyncio.wait_for(moved, 10) is not None
-        assert await asyncio.wait_for(own, 10) is not None
-        unrelated = asyncio.ensure_future(waiting_side.wait_for_change(second.id, 0.5))
-        assert await unrelated is None  # nothing happened to it, and it did not ask for queue moves
+        with waiting_side.watch(second.id) as moved, waiting_side.watch(first.id) as own:
+            own.follow_queue(False)
+            await working_side.claim("w", 30)
+            assert await moved.next(10) is not None
+            assert await own.next(10) is not None
+        with waiting_side.watch(second.id) as unrelated:
+            unrelated.follow_queue(False)
+            assert await unrelated.next(0.5) is None  # nothing happened to it, and it does not follow queue moves
 
     run(scenario())
 

@@ -95,6 +95,50 @@ def test_a_repeated_ask_is_held_until_the_request_or_its_position_changes(stores
     asyncio.run(scenario())
 
 
+def test_a_change_between_the_read_and_the_hold_still_ends_the_hold(stores):
+    """A repeated ask reads the request, then holds: a queue move that lands in between (on Redis a read's
+    answer and a notification published after it can reach the replica in either order) ends the hold
+    at once, not the hold's bound."""
+    settings, make_store = stores
+
+    async def scenario():
+        store, other_replica = make_store(), make_store()
+        app = build_app(SRPOService(AllBusy(), settings), store=store)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t", timeout=60) as client:
+            first, second, third = [(await client.post("/queue/fal-ai/flux/srpo", json=BODY)).json()["request_id"]
+                                    for _ in range(3)]
+            status = f"{REQUESTS}/{second}/status"
+            assert (await client.get(status)).json()["queue_position"] == 1
+
+            notified = asyncio.Event()
+            for name in ("moved", "everything"):  # a notification reached this replica
+                def seen(*args, _real=getattr(store.changes, name)):
+                    _real(*args)
+                    notified.set()
+                setattr(store.changes, name, seen)
+            await other_replica.cancel(third)  # the replica follows notifications from here on
+            await asyncio.wait_for(notified.wait(), 10)
+
+            real_get, claimed = store.get, []
+
+            async def read_then_claim(request_id: str, logs: bool = True):
+                record = await real_get(request_id, logs)
+                if request_id == second and not claimed:  # the ask has read position 1
+                    notified.clear()
+                    claimed.append(await other_replica.claim("w", 30))
+                    await asyncio.wait_for(notified.wait(), 10)  # its notification is here before the hold
+                return record
+
+            store.get = read_then_claim
+            answer = await asyncio.wait_for(client.get(status), 10)
+            assert claimed[0].id == first
+            assert (answer.status_code, answer.json()["queue_position"]) == (202, 0)
+        await other_replica.close()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_queue_move_refreshes_every_held_ask_with_one_position_read(stores):
     """Hundreds of waiting clients are woken by every claim: their held asks share a batched position
     read instead of one store read each."""

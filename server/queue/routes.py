@@ -111,20 +111,21 @@ def queue_router(worker: QueueWorker, base_url) -> APIRouter:
 
         async def events() -> AsyncIterator[str]:
             sent_logs, last, sent_at = 0, None, 0.0
-            while True:
-                record = await reads.read(request_id, with_logs)
-                if record is None:  # expired while streaming
-                    return
-                new_logs = record.logs[sent_logs:]
-                key = (record.status, record.queue_position, len(record.logs) if with_logs else 0)
-                if key != last:
-                    # Each event carries only the entries new since the previous one.
-                    record.logs = new_logs
-                    yield f"data: {json.dumps(status_body(record, base, with_logs))}\n\n"
-                    sent_logs, last, sent_at = sent_logs + len(new_logs), key, time.monotonic()
-                if record.status == "COMPLETED":
-                    return
-                await reads.wait(record, STREAM_CHECK_S, sent_at)
+            with store.watch(request_id) as watch:
+                while True:
+                    record = await reads.read(request_id, with_logs)
+                    if record is None:  # expired while streaming
+                        return
+                    new_logs = record.logs[sent_logs:]
+                    key = (record.status, record.queue_position, len(record.logs) if with_logs else 0)
+                    if key != last:
+                        # Each event carries only the entries new since the previous one.
+                        record.logs = new_logs
+                        yield f"data: {json.dumps(status_body(record, base, with_logs))}\n\n"
+                        sent_logs, last, sent_at = sent_logs + len(new_logs), key, time.monotonic()
+                    if record.status == "COMPLETED":
+                        return
+                    await reads.wait(watch, record, STREAM_CHECK_S, sent_at)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={REQUEST_ID_HEADER: request_id, "Cache-Control": "no-cache"})

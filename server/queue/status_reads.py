@@ -7,8 +7,9 @@ announces a change or `hold_s` passes: a long poll. The client gets the same ans
 repeats of them, and one ask on its own is answered at once. A change of queue position alone is
 answered at most every POSITION_GAP_S (positions move with every claim), and the held reads a
 queue move wakes refresh their positions together: one store read per BATCH_WINDOW_S for all of
-them, not one per held read (hundreds of waiting clients, woken by every claim). Log entries are
-read from the store from where this process's copy ends.
+them, not one per held read (hundreds of waiting clients, woken by every claim). A reader watches
+its request from before it reads it, so a change between the read and the hold is never missed. Log
+entries are read from the store from where this process's copy ends.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.queue_schemas import APP_ALIAS, LogEntry
-from server.queue.store import Change, RequestRecord, RequestStore
+from server.queue.store import Change, RequestRecord, RequestStore, Watch
 
 REPEAT_WINDOW_S = 1.0
 POSITION_GAP_S = 0.35
@@ -112,43 +113,45 @@ class StatusReads:
             record.logs = entries
         return record
 
-    async def wait(self, record: RequestRecord, timeout_s: float, answered_at: float) -> Change | None:
-        """Wait for a change of the request (up to `timeout_s`); what changed, or None."""
-        change = await self.store.wait_for_change(record.id, timeout_s, queue_moves=record.status == "IN_QUEUE")
+    async def wait(self, watch: Watch, record: RequestRecord, timeout_s: float, answered_at: float) -> Change | None:
+        """Wait for a change of the request since `record` was read (up to `timeout_s`); what changed, or None."""
+        watch.follow_queue(record.status == "IN_QUEUE")
+        change = await watch.next(timeout_s)
         if change == "queue":  # coalesced: a few answers a second, however fast the queue moves
             await asyncio.sleep(max(0.0, min(answered_at + POSITION_GAP_S - time.monotonic(), timeout_s)))
         return change
 
     async def answer(self, request_id: str, base: str, with_logs: bool) -> tuple[RequestRecord, dict] | None:
         """The record and its status body, held while a repeated ask would get the same answer."""
-        record = await self.read(request_id, with_logs)
-        if record is None:
-            return None
-        body = status_body(record, base, with_logs)
-        key = (request_id, with_logs)
-        before: _Answer | None = self._answers.get(key)
-        now = time.monotonic()
-        if (self.hold_s > 0 and before is not None and before.body == body and record.status != "COMPLETED"
-                and now - before.at <= REPEAT_WINDOW_S):
-            deadline = now + self.hold_s
-            while (left := deadline - time.monotonic()) > 0:
-                if not (change := await self.wait(record, left, before.at)):
-                    break
-                if change == "queue" and record.status == "IN_QUEUE":
-                    # A waiting request's answer is its status and position: when it still waits,
-                    # the batched position is all there is to read.
-                    position = await self._positions.get(request_id)
-                    if position == record.queue_position:
-                        continue
-                    if position is not None:
-                        record.queue_position = position
-                        body = {**body, "queue_position": position}
+        with self.store.watch(request_id) as watch:
+            record = await self.read(request_id, with_logs)
+            if record is None:
+                return None
+            body = status_body(record, base, with_logs)
+            key = (request_id, with_logs)
+            before: _Answer | None = self._answers.get(key)
+            now = time.monotonic()
+            if (self.hold_s > 0 and before is not None and before.body == body and record.status != "COMPLETED"
+                    and now - before.at <= REPEAT_WINDOW_S):
+                deadline = now + self.hold_s
+                while (left := deadline - time.monotonic()) > 0:
+                    if not (change := await self.wait(watch, record, left, before.at)):
                         break
-                record = await self.read(request_id, with_logs)
-                if record is None:
-                    return None
-                body = status_body(record, base, with_logs)
-                if body != before.body:
-                    break
+                    if change == "queue" and record.status == "IN_QUEUE":
+                        # A waiting request's answer is its status and position: when it still waits,
+                        # the batched position is all there is to read.
+                        position = await self._positions.get(request_id)
+                        if position == record.queue_position:
+                            continue
+                        if position is not None:
+                            record.queue_position = position
+                            body = {**body, "queue_position": position}
+                            break
+                    record = await self.read(request_id, with_logs)
+                    if record is None:
+                        return None
+                    body = status_body(record, base, with_logs)
+                    if body != before.body:
+                        break
         self._answers.remember(key, _Answer(body, time.monotonic()))
         return record, body

@@ -24,7 +24,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,62 +107,87 @@ CANCELLED = Completion(code=CANCELLED_CODE, body=CANCELLED_BODY, error="Request 
 Change = Literal["request", "queue"]
 
 
-class _Waiter:
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-        self.seen: set[Change] = set()
+class Watch:
+    """One reader's subscription to a request's changes and the queue's moves. Opened before the reader
+    reads the request, so a change landing between its read and its wait is seen (a Redis read's answer
+    and a notification published after it can reach this process in either order)."""
+
+    def __init__(self, changes: Changes, request_id: str) -> None:
+        self._changes = changes
+        self.request_id = request_id
+        self._event = asyncio.Event()
+        self._seen: set[Change] = set()
+        self.waiting = False
 
     def wake(self, change: Change) -> None:
-        self.seen.add(change)
-        self.event.set()
+        self._seen.add(change)
+        self._event.set()
 
+    def follow_queue(self, on: bool) -> None:
+        """Whether queue moves concern the reader (its request waits)."""
+        if on:
+            self._changes._queue_watches.add(self)
+        else:
+            self._changes._queue_watches.discard(self)
 
-class Changes:
-    """This process's waiters on store changes: a request's own (status, logs) or a move of the queue
-    (a waiting request left or came back, so positions changed). One notification source per
-    process wakes them, never a timer per waiter."""
-
-    def __init__(self) -> None:
-        self._waiters: dict[str, set[_Waiter]] = {}
-        self._queue_waiters: set[_Waiter] = set()
-
-    def changed(self, request_id: str) -> None:
-        for waiter in self._waiters.get(request_id, ()):
-            waiter.wake("request")
-
-    def moved(self) -> None:
-        for waiter in self._queue_waiters:
-            waiter.wake("queue")
-
-    def everything(self) -> None:
-        """Anything may have changed (another process wrote, notifications were lost): every waiter
-        looks again, at the pace of queue moves."""
-        for waiters in self._waiters.values():
-            for waiter in waiters:
-                waiter.wake("queue")
-
-    def watched(self, request_id: str) -> bool:
-        """Whether a reader of this process waits on the request now."""
-        return bool(self._waiters.get(request_id))
-
-    async def wait(self, request_id: str, timeout_s: float, queue_moves: bool) -> Change | None:
-        """The first change seen within `timeout_s` ("request" wins over "queue"), or None."""
-        waiter = _Waiter()
-        self._waiters.setdefault(request_id, set()).add(waiter)
-        if queue_moves:
-            self._queue_waiters.add(waiter)
+    async def next(self, timeout_s: float) -> Change | None:
+        """The first change since the watch opened or last answered, waiting up to `timeout_s`
+        ("request" wins over "queue"); None when nothing changed."""
+        self.waiting = True
         try:
-            await asyncio.wait_for(waiter.event.wait(), timeout_s)
+            await asyncio.wait_for(self._event.wait(), timeout_s)
         except TimeoutError:
             pass
         finally:
-            waiters = self._waiters.get(request_id)
-            if waiters is not None:
-                waiters.discard(waiter)
-                if not waiters:
-                    del self._waiters[request_id]
-            self._queue_waiters.discard(waiter)
-        return "request" if "request" in waiter.seen else ("queue" if waiter.seen else None)
+            self.waiting = False
+        seen, self._seen = self._seen, set()
+        self._event.clear()
+        return "request" if "request" in seen else ("queue" if seen else None)
+
+
+class Changes:
+    """This process's readers watching store changes: a request's own (status, logs) or a move of the
+    queue (a waiting request left or came back, so positions changed). One notification source per
+    process wakes them, never a timer per reader."""
+
+    def __init__(self) -> None:
+        self._watches: dict[str, set[Watch]] = {}
+        self._queue_watches: set[Watch] = set()
+
+    def changed(self, request_id: str) -> None:
+        for watch in self._watches.get(request_id, ()):
+            watch.wake("request")
+
+    def moved(self) -> None:
+        for watch in self._queue_watches:
+            watch.wake("queue")
+
+    def everything(self) -> None:
+        """Anything may have changed (another process wrote, notifications were lost): every reader
+        looks again, at the pace of queue moves."""
+        for watches in self._watches.values():
+            for watch in watches:
+                watch.wake("queue")
+
+    def watched(self, request_id: str) -> bool:
+        """Whether a reader of this process waits for a change of the request now."""
+        return any(watch.waiting for watch in self._watches.get(request_id, ()))
+
+    @contextmanager
+    def watch(self, request_id: str) -> Iterator[Watch]:
+        """A watch on the request, following queue moves until told otherwise (`Watch.follow_queue`)."""
+        watch = Watch(self, request_id)
+        self._watches.setdefault(request_id, set()).add(watch)
+        self._queue_watches.add(watch)
+        try:
+            yield watch
+        finally:
+            watches = self._watches.get(request_id)
+            if watches is not None:
+                watches.discard(watch)
+                if not watches:
+                    del self._watches[request_id]
+            self._queue_watches.discard(watch)
 
 
 class RequestStore(ABC):
@@ -178,11 +203,10 @@ class RequestStore(ABC):
         self.low_priority_max_wait_s = low_priority_max_wait_s
         self.changes = Changes()
 
-    async def wait_for_change(self, request_id: str, timeout_s: float, queue_moves: bool = False) -> Change | None:
-        """Wait up to `timeout_s` for a change of the request (or, with `queue_moves`, of its queue
-        position); what changed, or None."""
+    def watch(self, request_id: str) -> AbstractContextManager[Watch]:
+        """Watch the request's changes (and the queue's moves): open it before reading the request."""
         self._listen()
-        return await self.changes.wait(request_id, timeout_s, queue_moves)
+        return self.changes.watch(request_id)
 
     def _listen(self) -> None:
         """Start receiving other processes' change notifications (once per event loop)."""
