@@ -143,8 +143,8 @@ async def closed_loop(port: int, paths, seconds: float, method: str = "GET", bod
 async def waiting_clients(port: int, ids: list[str], head: list[str], seconds: float, store: RequestStore,
                           hold_s: float) -> dict:
     """One emulated fal Python client per id, each starting at a random moment of the first second
-    (as their submits would arrive); meanwhile the benchmark cancels a request ahead of them once a
-    second and notes when each client first shows a position that counts the cancel."""
+    (as their submits would arrive); once all have been answered, the benchmark cancels a request ahead
+    of them once a second and notes when each client first shows a position that counts the cancel."""
     latencies, firsts, errors = [], [], 0
     answers: dict[str, list[tuple[float, int]]] = {request_id: [] for request_id in ids}  # (received, position)
     moves: list[tuple[float, dict[str, int]]] = []  # (cancelled at, each client's position just after)
@@ -183,6 +183,10 @@ async def waiting_clients(port: int, ids: list[str], head: list[str], seconds: f
             await asyncio.sleep(POLL_GAP_S)
 
     async def mover(head: list[str]) -> None:
+        # Moves start once every client has had its first answer: a client still waiting for its first
+        # answer is waiting for a connection (first answers, reported apart), not for a position change.
+        while not all(answers.values()) and time.monotonic() < stop - 2:
+            await asyncio.sleep(0.05)
         while time.monotonic() < stop - 1 and head:
             await asyncio.sleep(1.0)
             at = time.monotonic()

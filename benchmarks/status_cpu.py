@@ -1,8 +1,8 @@
 """CPU per status read against /livez, in process: the app's own cost, without HTTP or Serve.
 
-    .venv/bin/python -m benchmarks.status_cpu [--reads 3000] [--waiting 1000] [--profile 25]
+    .venv/bin/python -m benchmarks.status_cpu [--store sqlite|redis] [--reads 3000] [--waiting 1000] [--profile 25]
 
-Builds the HTTP app over the SQLite store with `--waiting` queued requests (nothing runs them), then
+Builds the HTTP app over the store (SQLite, or a redis-server started on loopback) with `--waiting` queued requests (nothing runs them), then
 calls it at the ASGI level (the scope a server hands over) `--reads` times for /livez and for the
 status route of waiting requests, round-robin over them; no status hold (each read is answered at
 once). Prints the CPU microseconds per read of each (process time, best of three rounds) and their
@@ -18,10 +18,12 @@ import json
 import pstats
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from server.app import build_app
-from server.queue.store import NewRequest, SqliteRequestStore
+from benchmarks.front_door import redis_server
+from server.queue.store import NewRequest, RedisRequestStore, SqliteRequestStore
 from server.service import SRPOService
 from settings import get_settings
 from tests.test_status_holds import AllBusy
@@ -59,10 +61,11 @@ async def _round(app, paths: list[str], reads: int, expect: int) -> float:
     return (time.process_time() - began) / reads * 1e6
 
 
-async def measure(reads: int, waiting: int, profile: int, root: Path) -> dict:
+async def measure(reads: int, waiting: int, profile: int, root: Path, redis_url: str | None = None) -> dict:
     settings = get_settings().model_copy(update={
         "storage_dir": root / "files", "queue_db_path": root / "requests.sqlite3", "queue_status_hold_s": 0.0})
-    store = SqliteRequestStore(settings.queue_db_path, settings.result_ttl_s)
+    store = (RedisRequestStore(redis_url, settings.result_ttl_s) if redis_url
+             else SqliteRequestStore(settings.queue_db_path, settings.result_ttl_s))
     for i in range(waiting):
         await store.enqueue(NewRequest(id=f"req-{i:06d}", endpoint="fal-ai/flux/srpo", input={"prompt": "x"},
                                        base_url="http://127.0.0.1:8000"), waiting + 1)
@@ -72,7 +75,7 @@ async def measure(reads: int, waiting: int, profile: int, root: Path) -> dict:
         await _round(app, paths, 200, expect)
     livez = min([await _round(app, ["/livez"], reads, 200) for _ in range(3)])
     status = min([await _round(app, status_paths, reads, 202) for _ in range(3)])
-    out = {"reads": reads, "waiting": waiting, "livez_us": round(livez, 1), "status_us": round(status, 1),
+    out = {"store": "redis" if redis_url else "sqlite", "reads": reads, "waiting": waiting, "livez_us": round(livez, 1), "status_us": round(status, 1),
            "status_share_of_livez_rate": round(livez / status, 3)}
     if profile:
         profiler = cProfile.Profile()
@@ -86,12 +89,13 @@ async def measure(reads: int, waiting: int, profile: int, root: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--store", choices=["sqlite", "redis"], default="sqlite")
     parser.add_argument("--reads", type=int, default=3000)
     parser.add_argument("--waiting", type=int, default=1000)
     parser.add_argument("--profile", type=int, default=0, help="print cProfile's N largest entries of a status round")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as root:
-        out = asyncio.run(measure(args.reads, args.waiting, args.profile, Path(root)))
+    with tempfile.TemporaryDirectory() as root, (redis_server() if args.store == "redis" else nullcontext()) as url:
+        out = asyncio.run(measure(args.reads, args.waiting, args.profile, Path(root), url))
     print(json.dumps(out))
     return out
 

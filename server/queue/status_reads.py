@@ -24,7 +24,7 @@ from api.queue_schemas import APP_ALIAS, LogEntry
 from server.queue.store import Change, RequestRecord, RequestStore, Watch
 
 REPEAT_WINDOW_S = 1.0
-POSITION_GAP_S = 0.35
+POSITION_GAP_S = 0.3
 BATCH_WINDOW_S = 0.05  # positions asked for within this long of each other come from one store read
 REMEMBERED = 20_000  # requests whose last answer and logs this process keeps (least recent go first)
 

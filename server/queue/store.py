@@ -742,19 +742,24 @@ return redis.call('ZCARD', KEYS[1]) - 1
 """
 # A read: the record's fields, its ranks in both lanes, the normal lane's size and its log entries.
 # One script rather than a MULTI/EXEC pipeline of the same commands: as atomic, and cheaper for
-# redis-py (issue 25: `get` 175 against 231 us of CPU, docs/benchmarks.md).
+# redis-py (issue 25: `get` 175 against 231 us of CPU, docs/benchmarks.md). Only the fields a record is
+# made of, flat: redis-py's reply parser costs per element and per level of nesting.
 _GET = """
-return {redis.call('HGETALL', KEYS[1]), redis.call('ZRANK', KEYS[2], ARGV[1]),
-        redis.call('ZRANK', KEYS[2] .. ':low', ARGV[1]), redis.call('ZCARD', KEYS[2]),
-        redis.call('LRANGE', KEYS[3], 0, -1)}
+local out = redis.call('HMGET', KEYS[1], 'request', 'status', 'attempts', 'completion')
+table.insert(out, redis.call('ZRANK', KEYS[2], ARGV[1]))
+table.insert(out, redis.call('ZRANK', KEYS[2] .. ':low', ARGV[1]))
+table.insert(out, redis.call('ZCARD', KEYS[2]))
+return {out, redis.call('LRANGE', KEYS[3], 0, -1)}
 """
-# The same without logs for many requests (KEYS: the normal lane, then each record): the status reads
-# that arrive in one turn of the event loop share one call.
+# The same without logs for many requests (KEYS: the normal lane, then each record), flat: the lane's
+# size, then RECORD_READ values per request. The status reads of one turn of the event loop share it.
+RECORD_READ = 6  # request, status, attempts, completion, rank in the normal lane, rank in the low lane
 _GET_MANY = """
 local out = {redis.call('ZCARD', KEYS[1])}
 for i, id in ipairs(ARGV) do
-  out[i + 1] = {redis.call('HGETALL', KEYS[i + 1]), redis.call('ZRANK', KEYS[1], id),
-                redis.call('ZRANK', KEYS[1] .. ':low', id)}
+  local f, n = redis.call('HMGET', KEYS[i + 1], 'request', 'status', 'attempts', 'completion'), #out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4] = f[1], f[2], f[3], f[4]
+  out[n + 5], out[n + 6] = redis.call('ZRANK', KEYS[1], id), redis.call('ZRANK', KEYS[1] .. ':low', id)
 end
 return out
 """
@@ -981,45 +986,54 @@ class RedisRequestStore(RequestStore):
     async def get(self, request_id: str, logs: bool = True) -> RequestRecord | None:
         if not logs:
             return await self._get_coalesced(request_id)
-        flat, position, low_position, normal_waiting, entries = await self._scripts["get"](
+        values, entries = await self._scripts["get"](
             keys=[self._rec(request_id), self._waiting, self._logs(request_id)], args=[request_id])
-        record = self._record(flat, position, low_position, normal_waiting)
+        record = self._record(values[:RECORD_READ], values[RECORD_READ])
         if record is not None and entries:
             record.logs = [LogEntry.model_validate_json(e) for e in entries]
         return record
 
     @staticmethod
-    def _record(flat: list[str], position: int | None, low_position: int | None,
-                normal_waiting: int) -> RequestRecord | None:
-        fields = dict(zip(flat[::2], flat[1::2]))
-        if not fields.get("request"):
+    def _record(values: list, normal_waiting: int) -> RequestRecord | None:
+        request, status, attempts, completion, position, low_position = values
+        if not request:
             return None
-        record = RequestRecord.stored(fields["request"], fields["status"], int(fields.get("attempts") or 0))
+        record = RequestRecord.stored(request, status, int(attempts or 0))
         if record.status == "IN_QUEUE":
             if low_position is not None:  # behind every normal request (see RequestStore)
                 position = normal_waiting + low_position
             record.queue_position = int(position) if position is not None else 0
-        if fields.get("completion"):
-            record.set_completion(Completion.model_validate_json(fields["completion"]))
+        if completion:
+            record.set_completion(Completion.model_validate_json(completion))
         return record
 
     async def _get_coalesced(self, request_id: str) -> RequestRecord | None:
-        """Reads asked for in this turn of the event loop go to Redis as one call in the next: redis-py's
-        fixed cost per command was most of a status read's CPU (issue 25)."""
+        """Reads go to Redis in batches, one batch at a time: those asked for while a batch is in
+        flight (or in this turn of the event loop) go together as the next. redis-py's fixed cost per
+        command (the pool, the send, the reply parser) was most of a status read's CPU (issue 25)."""
+        loop = asyncio.get_running_loop()
+        if self._reading is not None and self._reading.get_loop() is not loop:  # a store outliving its loop
+            self._reading = self._reads = None
         if self._reads is None:
             self._reads = {}
-            self._reading = asyncio.ensure_future(self._read_many())
-        answer = asyncio.get_running_loop().create_future()
+            if self._reading is None or self._reading.done():
+                self._reading = loop.create_task(self._read_batches())
+        answer = loop.create_future()
         self._reads.setdefault(request_id, []).append(answer)
         return await answer
 
-    async def _read_many(self) -> None:
-        reads, self._reads = self._reads, None
+    async def _read_batches(self) -> None:
+        while self._reads:
+            reads, self._reads = self._reads, None
+            await self._read_many(reads)
+
+    async def _read_many(self, reads: dict[str, list[asyncio.Future]]) -> None:
         ids = list(reads)
         try:
-            normal_waiting, *rows = await self._scripts["get_many"](
+            normal_waiting, *values = await self._scripts["get_many"](
                 keys=[self._waiting, *map(self._rec, ids)], args=ids)
-            records = [self._record(flat, position, low, normal_waiting) for flat, position, low in rows]
+            records = [self._record(values[i:i + RECORD_READ], normal_waiting)
+                       for i in range(0, len(values), RECORD_READ)]
         except Exception as exc:  # every reader of the batch gets the store's error
             for answers in reads.values():
                 for answer in answers:
