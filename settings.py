@@ -148,6 +148,12 @@ class Settings(BaseSettings):
         description="A status poll repeated within a second whose answer has not changed is held up to this long "
                     "for a change (a long poll: fal's Python client polls every 0.1 s); 0 answers at once.",
     )
+    ingress_gc_threshold: int = Field(
+        10_000, ge=700,
+        description="Allocations between the ingress replica's youngest garbage collections (Python's default: 700). "
+                    "Hundreds of held status polls keep ~100k objects young: at 700, full collections of 10-45 ms "
+                    "ran three times a second under load (docs/benchmarks.md, issue 25).",
+    )
     queue_drain_s: float = Field(
         15.0, ge=0, description="A stopping ingress replica's time to finish queued work before handing it back; "
         "it begins after Serve's own drain (30 s behind HAProxy), and the Ingress's graceful_shutdown_timeout_s "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import itertools
 import time
 from typing import Callable
@@ -202,6 +203,9 @@ class Ingress:
     def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle, decoder: DeploymentHandle) -> None:
         configure_ingress_logs()
         self.settings = get_settings()
+        # Serve freezes what the replica allocated at start; what requests keep young is collected this
+        # rarely (Serve tunes its own proxy the same way; in HAProxy mode this replica is the proxy).
+        gc.set_threshold(self.settings.ingress_gc_threshold)
         telemetry = ServeTelemetry()
         self.backend = GraphBackend(text_encoder, denoiser, decoder, telemetry)
         self.service = SRPOService(self.backend, self.settings, telemetry)
