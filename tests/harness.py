@@ -21,9 +21,12 @@ from ray import serve
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 from deployments.app import build_app
-from deployments.launch import data_plane_env
+from deployments.launch import HIGH_THROUGHPUT_ENV, data_plane_env
 
 APP_NAME = "srpo"
+# Serve's own proxy (one machine's default) and the HAProxy ingress with the throughput-optimized data
+# plane (what the Kubernetes manifests ship): the tests of what clients see run on both.
+DATA_PLANES = ("serve-proxy", "haproxy")
 SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
 
@@ -65,6 +68,7 @@ def running_serve(
     secrets: dict[str, str] | None = None,
     metrics_port: int | None = None,
     config: dict[str, Any] | None = None,
+    data_plane: str | None = None,
 ) -> Iterator[str]:
     """Start Ray + Serve on 127.0.0.1 with `env` for every replica; yield the base URL.
 
@@ -73,7 +77,8 @@ def running_serve(
 
     `tls` is (certificate, key, CA that signed it): Serve's proxy then speaks HTTPS. `secrets` reach the replicas
     through the process environment they inherit, not the runtime_env, which Ray logs. `metrics_port`: the
-    node's Prometheus endpoint (`http://127.0.0.1:<port>/metrics`), on a random port when None.
+    node's Prometheus endpoint (`http://127.0.0.1:<port>/metrics`), on a random port when None. `data_plane`:
+    one of DATA_PLANES, else as the environment says (`deployments/launch.py`).
     """
     port = free_port()
     http_options: dict[str, Any] = {"host": "127.0.0.1", "port": port}
@@ -82,7 +87,7 @@ def running_serve(
     scheme = "https" if tls else "http"
     # Serve's data plane as it ships (deployments/launch.py); it reaches Ray's processes through the
     # environment they inherit, like the secrets.
-    process_env = (secrets or {}) | _data_plane_env(http_options)
+    process_env = (secrets or {}) | _data_plane_env(http_options, data_plane)
     saved = {key: os.environ.get(key) for key in process_env}
     os.environ.update(process_env)
     try:
@@ -144,9 +149,11 @@ def app_running() -> bool:
     return app is not None and app.status == ApplicationStatus.RUNNING
 
 
-def _data_plane_env(http_options: dict[str, Any]) -> dict[str, str]:
-    """`data_plane_env`, with this run's own HAProxy files and ports: several Ray instances share the machine."""
-    env = data_plane_env(http_options)
+def _data_plane_env(http_options: dict[str, Any], data_plane: str | None) -> dict[str, str]:
+    """`data_plane_env` (or the one asked for), with this run's own HAProxy files and ports: several Ray
+    instances share the machine."""
+    env = data_plane_env(http_options) if data_plane is None else (
+        HIGH_THROUGHPUT_ENV if data_plane == "haproxy" else {})
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         run_dir = Path(tempfile.mkdtemp(prefix="hap-"))  # short: the admin socket's path has a length limit
         env = env | {

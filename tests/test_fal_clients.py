@@ -1,4 +1,5 @@
-"""fal's own clients, unmodified, against a live Serve instance (tiny model, embedded store, API key on).
+"""fal's own clients, unmodified, against a live Serve instance on each data plane (tiny model, embedded
+store, API key on).
 
 Python: `fal-client` with its URL formats pointed at plain HTTP (the documented way without TLS).
 JavaScript: `@fal-ai/client` in Node, polling, streaming and through the proxy route.
@@ -26,7 +27,7 @@ from PIL import Image
 from ray import serve
 
 from tests.gate import gate_server
-from tests.harness import APP_NAME, running_serve, tiny_env
+from tests.harness import APP_NAME, DATA_PLANES, running_serve, tiny_env
 from tests.queue_helpers import (
     APP,
     REQUESTS,
@@ -45,8 +46,8 @@ UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9
 JS_SCRIPT = Path(__file__).parent / "js" / "subscribe.mjs"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_root, tmp_path_factory):
+@pytest.fixture(scope="module", params=DATA_PLANES)
+def server(request, tiny_root, tmp_path_factory):
     env = tiny_env(
         tiny_root, tmp_path_factory.mktemp("state"),
         SRPO_QUEUE_CONCURRENCY="1",  # one queue slot: queued states and positions are deterministic
@@ -58,7 +59,7 @@ def server(tiny_root, tmp_path_factory):
         SRPO_IMAGE_FETCH_TIMEOUT_S="60",
     )
     args = {"text_batch_wait_s": 0.0, "decode_batch_wait_s": 0.0}
-    with running_serve(env, args, secrets={"SRPO_API_KEYS": json.dumps([KEY])}) as base:
+    with running_serve(env, args, secrets={"SRPO_API_KEYS": json.dumps([KEY])}, data_plane=request.param) as base:
         yield base
 
 

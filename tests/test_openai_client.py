@@ -13,17 +13,17 @@ import pytest
 from PIL import Image
 
 from server.images import data_uri
-from tests.harness import running_serve, tiny_env
+from tests.harness import DATA_PLANES, running_serve, tiny_env
 from tests.pixels import assert_same_pixels, pixels
 
 KEY = "openai-test-key"
 SAMPLING = {"seed": 11, "num_inference_steps": 3, "guidance_scale": 3.5, "enable_safety_checker": False}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_root, tmp_path_factory):
+@pytest.fixture(scope="module", params=DATA_PLANES)
+def server(request, tiny_root, tmp_path_factory):
     env = tiny_env(tiny_root, tmp_path_factory.mktemp("openai"))
-    with running_serve(env, secrets={"SRPO_API_KEYS": json.dumps([KEY])}) as base:
+    with running_serve(env, secrets={"SRPO_API_KEYS": json.dumps([KEY])}, data_plane=request.param) as base:
         yield base
 
 

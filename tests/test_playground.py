@@ -30,7 +30,7 @@ from server.app import build_app
 from server.service import InProcessBackend, SRPOService
 from settings import get_settings
 from tests.conftest import CPU
-from tests.harness import free_port, running_serve, tiny_env, wait_until
+from tests.harness import DATA_PLANES, free_port, running_serve, tiny_env, wait_until
 from tests.queue_helpers import REQUESTS
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -40,12 +40,12 @@ MAX_PIXELS = 1280 * 1280  # not the default, so the docs can only have it from t
 PAGES = ("/", "/docs", "/redoc")
 ASSET_REF = re.compile(r"""(?:src|href|spec-url)=["']([^"']+)|url:\s*['"]([^'"]+)""")
 
-@pytest.fixture(scope="module")
-def server(tiny_root, tmp_path_factory) -> Iterator[str]:
+@pytest.fixture(scope="module", params=DATA_PLANES)
+def server(request, tiny_root, tmp_path_factory) -> Iterator[str]:
     env = tiny_env(tiny_root, tmp_path_factory.mktemp("state"), SRPO_QUEUE_CONCURRENCY="1",
                    SRPO_MAX_PIXELS=str(MAX_PIXELS))
     args = {"text_batch_wait_s": 0.0, "decode_batch_wait_s": 0.0}
-    with running_serve(env, args, secrets={"SRPO_API_KEYS": json.dumps([KEY])}) as base:
+    with running_serve(env, args, secrets={"SRPO_API_KEYS": json.dumps([KEY])}, data_plane=request.param) as base:
         yield base
 
 
