@@ -2,10 +2,10 @@
 
     .venv/bin/python -m benchmarks.status_cpu [--store sqlite|redis] [--reads 3000] [--waiting 1000] [--profile 25]
 
-Builds the HTTP app over the store (SQLite, or a redis-server started on loopback) with `--waiting` queued requests (nothing runs them), then
-calls it at the ASGI level (the scope a server hands over) `--reads` times for /livez and for the
-status route of waiting requests, round-robin over them; no status hold (each read is answered at
-once). Prints the CPU microseconds per read of each (process time, best of three rounds) and their
+Builds the HTTP app over the store (SQLite, or a redis-server started on loopback) with `--waiting`
+queued requests (nothing runs them), then calls it at the ASGI level (the scope a server hands over)
+`--reads` times for /livez and for the status route of waiting requests, round-robin over them; no
+status hold (each read is answered at once). Prints the CPU microseconds per read of each (process time, best of three rounds) and their
 ratio; with `--profile N`, cProfile's N largest cumulative entries of a status round.
 """
 
@@ -75,7 +75,8 @@ async def measure(reads: int, waiting: int, profile: int, root: Path, redis_url:
         await _round(app, paths, 200, expect)
     livez = min([await _round(app, ["/livez"], reads, 200) for _ in range(3)])
     status = min([await _round(app, status_paths, reads, 202) for _ in range(3)])
-    out = {"store": "redis" if redis_url else "sqlite", "reads": reads, "waiting": waiting, "livez_us": round(livez, 1), "status_us": round(status, 1),
+    out = {"store": "redis" if redis_url else "sqlite", "reads": reads, "waiting": waiting,
+           "livez_us": round(livez, 1), "status_us": round(status, 1),
            "status_share_of_livez_rate": round(livez / status, 3)}
     if profile:
         profiler = cProfile.Profile()
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--waiting", type=int, default=1000)
     parser.add_argument("--profile", type=int, default=0, help="print cProfile's N largest entries of a status round")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as root, (redis_server() if args.store == "redis" else nullcontext()) as url:
+    redis = redis_server() if args.store == "redis" else nullcontext()
+    with tempfile.TemporaryDirectory() as root, redis as url:
         out = asyncio.run(measure(args.reads, args.waiting, args.profile, Path(root), url))
     print(json.dumps(out))
     return out

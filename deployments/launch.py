@@ -54,10 +54,11 @@ def _quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def data_plane_env(http_options: dict[str, Any]) -> dict[str, str]:
-    """The environment of Serve's data plane for these http_options: high-throughput when switched on,
-    unless TLS."""
-    wanted = os.environ.get(HIGH_THROUGHPUT_SWITCH, "0").strip().lower() in ("1", "true", "yes")
+def data_plane_env(http_options: dict[str, Any], high_throughput: bool | None = None) -> dict[str, str]:
+    """The environment of Serve's data plane for these http_options: high-throughput when asked for (by
+    default, when switched on in the environment), unless TLS."""
+    wanted = (os.environ.get(HIGH_THROUGHPUT_SWITCH, "0").strip().lower() in ("1", "true", "yes")
+              if high_throughput is None else high_throughput)
     return HIGH_THROUGHPUT_ENV if wanted and not http_options.get("ssl_certfile") else {}
 
 

@@ -21,7 +21,7 @@ from ray import serve
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 from deployments.app import build_app
-from deployments.launch import HIGH_THROUGHPUT_ENV, data_plane_env
+from deployments.launch import data_plane_env
 
 APP_NAME = "srpo"
 # Serve's own proxy (one machine's default) and the HAProxy ingress with the throughput-optimized data
@@ -152,8 +152,7 @@ def app_running() -> bool:
 def _data_plane_env(http_options: dict[str, Any], data_plane: str | None) -> dict[str, str]:
     """`data_plane_env` (or the one asked for), with this run's own HAProxy files and ports: several Ray
     instances share the machine."""
-    env = data_plane_env(http_options) if data_plane is None else (
-        HIGH_THROUGHPUT_ENV if data_plane == "haproxy" else {})
+    env = data_plane_env(http_options, None if data_plane is None else data_plane == "haproxy")
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         run_dir = Path(tempfile.mkdtemp(prefix="hap-"))  # short: the admin socket's path has a length limit
         env = env | {

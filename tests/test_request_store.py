@@ -383,8 +383,8 @@ def test_a_deep_queue_costs_a_status_read_what_a_shallow_one_does(make_store, re
                 assert at_deep <= 2 * at_1 + 5, (name, costs)
         else:
             # No LPOS or LREM (a scan of the queue): every command here is O(1) or O(log n).
-            cheap = {f"cmdstat_{name}" for name in ("hgetall", "hget", "hmget", "hset", "zrank", "zcard", "zadd", "zrem",
-                                                    "incr", "zrange", "zpopmin", "hincrby", "script|load",
+            cheap = {f"cmdstat_{name}" for name in ("hgetall", "hget", "hmget", "hset", "zrank", "zcard", "zadd",
+                                                    "zrem", "incr", "zrange", "zpopmin", "hincrby", "script|load",
                                                     "zrangebyscore", "expire", "publish", "multi", "exec", "evalsha",
                                                     "lrange", "ping", "info")}
             for name, seen in costs.items():

@@ -112,9 +112,8 @@ class Watch:
     reads the request, so a change landing between its read and its wait is seen (a Redis read's answer
     and a notification published after it can reach this process in either order)."""
 
-    def __init__(self, changes: Changes, request_id: str) -> None:
+    def __init__(self, changes: Changes) -> None:
         self._changes = changes
-        self.request_id = request_id
         self._event = asyncio.Event()
         self._seen: set[Change] = set()
         self.waiting = False
@@ -176,7 +175,7 @@ class Changes:
     @contextmanager
     def watch(self, request_id: str) -> Iterator[Watch]:
         """A watch on the request, following queue moves until told otherwise (`Watch.follow_queue`)."""
-        watch = Watch(self, request_id)
+        watch = Watch(self)
         self._watches.setdefault(request_id, set()).add(watch)
         self._queue_watches.add(watch)
         try:
@@ -752,7 +751,7 @@ table.insert(out, redis.call('ZCARD', KEYS[2]))
 return {out, redis.call('LRANGE', KEYS[3], 0, -1)}
 """
 # The same without logs for many requests (KEYS: the normal lane, then each record), flat: the lane's
-# size, then RECORD_READ values per request. The status reads of one turn of the event loop share it.
+# size, then RECORD_READ values per request. The status reads asked while the last batch was in flight share it.
 RECORD_READ = 6  # request, status, attempts, completion, rank in the normal lane, rank in the low lane
 _GET_MANY = """
 local out = {redis.call('ZCARD', KEYS[1])}
